@@ -1,0 +1,304 @@
+"""The decomposition engine: hooks in, one forward pass of the unmodified model, contributions out.
+
+``z = Σ_k c_k`` exactly (SPEC §2): every component's branch output is pooled over the readout
+positions as the model runs, carried through the branch gains (LayerScale) and then through the
+frozen affine readout chain (final norm, pooled norm, projection, optional L2 normalisation).
+Memory is O(B·K·D) plus the requested token maps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import names as N
+from .errors import InputError
+from .names import Component
+from .rules.affine import CONVENTIONS, apply_map, matrix_map, norm_map
+from .rules.attention import AttnResult
+from .rules.models import ModelPlan, plan_for
+from .rules.pool import Pooling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decomposition:
+    """Result of :func:`decompose`.
+
+    ``contributions [B, K, d]`` (float32, or float64 for a float64 model) sum over ``K`` to
+    ``readout [B, d]``, the upstream model's own output. ``tokens[name]`` is ``[B, N, d]`` over all
+    ``N`` sequence positions (prefix tokens first) and sums over ``N`` to ``self[name]``.
+    """
+
+    names: list[str]
+    components: list[Component]
+    contributions: Tensor
+    readout: Tensor
+    tokens: dict[str, Tensor]
+    convention: str
+    normalized: bool
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    diagnostics: dict = field(default_factory=dict)
+
+    def index(self, name: str) -> int:
+        return N.select(self.names, [name])[0]
+
+    def __getitem__(self, name: str) -> Tensor:
+        """Contribution of one component, ``[B, d]``."""
+        return self.contributions[:, self.index(name)]
+
+    def residual(self) -> Tensor:
+        """Relative reconstruction error ``‖Σ_k c_k − z‖ / ‖z‖`` per image, ``[B]``."""
+        err = (self.contributions.sum(1) - self.readout).norm(dim=-1)
+        return err / self.readout.norm(dim=-1).clamp_min(torch.finfo(self.readout.dtype).tiny)
+
+    def top(self, image: int = 0, n: int = 10, direction: Optional[Tensor] = None) -> list[tuple[str, float]]:
+        """The ``n`` largest components of one image.
+
+        Without ``direction``, by their projection on the readout direction ``⟨c_k, z⟩/‖z‖`` (the
+        terms sum to ``‖z‖``); with ``direction [d]``, by ``⟨c_k, direction⟩``.
+        """
+        c = self.contributions[image]
+        d = self.readout[image] / self.readout[image].norm() if direction is None else direction.to(c)
+        score = c @ d
+        order = score.abs().argsort(descending=True)[:n]
+        return [(self.names[i], float(score[i])) for i in order]
+
+    def token_map(self, name: str) -> Tensor:
+        """Per-patch contributions of a token-decomposed component on the patch grid, ``[B, gh, gw, d]``
+        (prefix tokens — class, registers — dropped; row-major patch order as in the model)."""
+        if name not in self.tokens:
+            raise InputError(f"no token contributions for {name!r}; pass tokens=[{name!r}] to decompose()")
+        t = self.tokens[name][:, self.num_prefix_tokens:]
+        return t.reshape(t.shape[0], *self.grid, t.shape[-1])
+
+
+@dataclass
+class _Ctx:
+    """What rules see while the model runs."""
+
+    pooling: Pooling
+    dtype: torch.dtype
+    heads: bool
+    layout: str
+    wanted_tokens: dict[str, list[int]]
+
+    def token_heads(self, attn_path: str) -> list[int]:
+        return self.wanted_tokens.get(attn_path, [])
+
+    def to_bnd(self, x: Tensor) -> Tensor:
+        return x if self.layout == "BND" else x.transpose(0, 1)
+
+    def exact(self):
+        """Engine math runs outside autocast, in the compute dtype."""
+        return torch.autocast(device_type="cuda", enabled=False) if torch.is_autocast_enabled("cuda") \
+            else (torch.autocast(device_type="cpu", enabled=False) if torch.is_autocast_enabled("cpu")
+                  else contextlib.nullcontext())
+
+
+def _unwrap(model) -> nn.Module:
+    return getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+
+
+def select_blocks(n_blocks: int, blocks: Optional[Iterable[int]]) -> list[int]:
+    """Validate a block selection: a contiguous run ending at the last block (negatives allowed)."""
+    if blocks is None:
+        return list(range(n_blocks))
+    try:
+        sel = sorted({int(b) + (n_blocks if int(b) < 0 else 0) for b in blocks})
+    except (TypeError, ValueError):
+        raise InputError(f"blocks must be a sequence of block indices, got {blocks!r}") from None
+    if not sel or sel[0] < 0 or sel[-1] >= n_blocks:
+        raise InputError(f"blocks {list(blocks)} out of range: the model has blocks 0..{n_blocks - 1}")
+    if sel != list(range(sel[0], n_blocks)):
+        raise InputError(f"blocks {sel} must be a contiguous run ending at the last block ({n_blocks - 1}), "
+                         f"e.g. range({sel[0]}, {n_blocks}); earlier blocks fold into 'embed'")
+    return sel
+
+
+def component_list(plan: ModelPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
+    """Ordered components: ``embed``, per block attention heads (or attention) then MLP, ``bias``."""
+    out = [Component(N.EMBED, "embed", "")]
+    for i, path, _, rule in plan.blocks:
+        if i not in blocks:
+            continue
+        if heads:
+            out += [Component(N.head_name(rule.attn_path, h), "head", rule.attn_path, i, h)
+                    for h in range(rule.attn.num_heads)]
+        else:
+            out.append(Component(rule.attn_path, "attn", rule.attn_path, i))
+        out.append(Component(rule.mlp_path, "mlp", rule.mlp_path, i))
+    out.append(Component(N.BIAS, "bias", ""))
+    return out
+
+
+def components_for(model, blocks: Optional[Iterable[int]] = None, heads: bool = True) -> list[Component]:
+    """The component list :func:`decompose` would return, without running the model."""
+    plan = plan_for(_unwrap(model))
+    return component_list(plan, select_blocks(len(plan.blocks), blocks), heads)
+
+
+def _offset_weights(components: list[Component], convention: str, heads_per_block: dict[int, int],
+                    dtype, device) -> Tensor:
+    """``w [K]``, Σ w = 1: who receives input-independent offsets (β, biases, uniform mean share)."""
+    if convention == "centered":
+        w = [1.0 if c.kind == "bias" else 0.0 for c in components]
+    else:
+        slots = sum(c.kind in ("embed", "attn", "mlp") for c in components) + \
+            len({c.block for c in components if c.kind == "head"})
+        w = [0.0 if c.kind == "bias" else
+             1.0 / (slots * heads_per_block[c.block]) if c.kind == "head" else 1.0 / slots
+             for c in components]
+    return torch.tensor(w, dtype=dtype, device=device)
+
+
+def _check_images(images, plan: ModelPlan) -> None:
+    if not isinstance(images, Tensor):
+        raise InputError(f"images must be a float tensor (B, 3, H, W), got {type(images).__name__}; "
+                         "preprocess PIL images with the model's transform first")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}"
+                         + ("; add a batch dimension with images[None]" if images.dim() == 3 else ""))
+    if not images.is_floating_point():
+        raise InputError(f"images must be a float tensor (normalised pixels), got dtype {images.dtype}")
+    plan.check_input(images)
+
+
+def decompose(
+    model,
+    images: Tensor,
+    *,
+    blocks: Optional[Iterable[int]] = None,
+    heads: bool = True,
+    tokens: Optional[Sequence[str]] = None,
+    convention: str = "centered",
+    normalize: bool = False,
+) -> Decomposition:
+    """Decompose the readout of ``model`` on ``images`` into additive component contributions.
+
+    Args:
+        model: an ``nn.Module`` (timm ViT, open_clip ViT or CLIP) in eval mode, or what
+            :func:`vitdecomp.load_model` returns.
+        images: preprocessed ``[B, 3, H, W]`` float tensor on the model's device.
+        blocks: indices of the decomposed blocks (a run ending at the last block); earlier blocks
+            fold into ``embed``. Default: all.
+        heads: split attention into heads (``<attn>.head.<h>``) or keep one ``<attn>`` component.
+        tokens: component names (heads) whose per-source-token contributions to return.
+        convention: ``"centered"`` (default) or ``"uniform"`` (SPEC §2.2).
+        normalize: divide by ``‖z‖`` (CLIP embeddings as used for retrieval).
+
+    Returns:
+        :class:`Decomposition` with ``contributions [B, K, d]`` and ``readout [B, d]``.
+    """
+    net = _unwrap(model)
+    if convention not in CONVENTIONS:
+        raise InputError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if net.training:
+        raise InputError("the model is in training mode (dropout, stochastic depth active); call model.eval() first")
+    plan = plan_for(net)
+    _check_images(images, plan)
+    sel = select_blocks(len(plan.blocks), blocks)
+    comps = component_list(plan, sel, heads)
+    names = [c.name for c in comps]
+    wanted: dict[str, list[int]] = {}
+    for t in tokens or ():
+        c = comps[N.select(names, [t])[0]]
+        if c.kind != "head":
+            raise InputError(f"token contributions are defined for attention heads; {t!r} is a {c.kind} "
+                             "(use heads=True and a name like 'blocks.11.attn.head.0')")
+        wanted.setdefault(c.path, []).append(c.head)
+
+    param = next(net.parameters())
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    ctx = _Ctx(plan.pooling, dtype, heads, plan.layout, wanted)
+    chosen = [b for b in plan.blocks if b[0] in sel]
+    attn_out: dict[int, AttnResult] = {}
+    mlp_out: dict[int, Tensor] = {}
+    stream: dict[str, Tensor] = {}
+
+    def pooled(x: Tensor) -> Tensor:
+        with ctx.exact():
+            return plan.pooling.pool(ctx.to_bnd(x).to(dtype))
+
+    handles = []
+    try:
+        first = chosen[0][2]
+        handles.append(first.register_forward_pre_hook(lambda _, a: stream.__setitem__("embed", pooled(a[0]))))
+        handles.append(plan.blocks[-1][2].register_forward_hook(
+            lambda _, __, out: stream.__setitem__("final", pooled(out))))
+        for i, _, _, rule in chosen:
+            handles += rule.attn.hooks(ctx, lambda r, i=i: attn_out.__setitem__(i, r))
+            handles.append(rule.mlp.register_forward_hook(
+                lambda _, __, out, i=i: mlp_out.__setitem__(i, pooled(out))))
+        with torch.inference_mode():
+            z = plan.readout(images)
+    finally:
+        for h in handles:
+            h.remove()
+
+    with torch.inference_mode(), ctx.exact():
+        return _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z.to(dtype), convention,
+                         normalize, grid=plan.grid(tuple(images.shape[-2:])))
+
+
+def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention, normalize, grid) -> Decomposition:
+    dtype, dev = ctx.dtype, z.device
+    B = z.shape[0]
+
+    def gain(g: Optional[Tensor]) -> Tensor:
+        return torch.ones((), dtype=dtype, device=dev) if g is None else g.to(dtype)
+
+    parts = [stream["embed"]]
+    bias = torch.zeros_like(stream["embed"])
+    heads_per_block, raw_tokens, diag = {}, {}, {"head_sum_error": {}}
+    for i, _, _, rule in chosen:
+        g1, g2, a = gain(rule.gain1), gain(rule.gain2), attn_out[i]
+        if ctx.heads:
+            H = a.heads.shape[1]
+            heads_per_block[i] = H
+            recon = a.heads.sum(1) + a.bias
+            diag["head_sum_error"][rule.attn_path] = float(
+                ((recon - a.branch).norm(dim=-1) / a.branch.norm(dim=-1).clamp_min(1e-30)).max())
+            if convention == "uniform":          # the out-projection bias is split evenly over heads
+                parts += list((a.heads * g1 + a.bias * g1 / H).unbind(1))
+            else:
+                parts += list((a.heads * g1).unbind(1))
+                bias = bias + a.bias * g1
+            for h, t in a.tokens.items():
+                n = t.shape[1]
+                extra = a.bias * g1 / (H * n) if convention == "uniform" else 0.0
+                raw_tokens[N.head_name(rule.attn_path, h)] = (t * g1 + extra, i, H)
+        else:
+            parts.append(a.branch * g1)
+        parts.append(mlp_out[i] * g2)
+    parts.append(bias)
+    stack = torch.stack(parts, 1)                                        # [B, K, D] pooled stream terms
+    total = stream["final"]
+    diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
+
+    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
+    name_idx = {c.name: k for k, c in enumerate(comps)}
+    tok = {name: (t, w[name_idx[name]].expand(t.shape[1]) / t.shape[1]) for name, (t, _, _) in raw_tokens.items()}
+    for op in plan.post:
+        if op.spec is not None:
+            m, total = norm_map(op.spec, total, convention)
+        else:
+            m, total = matrix_map(op.weight, op.bias, total)
+        stack = apply_map(m, stack, w)
+        tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
+    if normalize:
+        scale = 1.0 / z.norm(dim=-1)
+        stack = stack * scale[:, None, None]
+        tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
+        z = z * scale[:, None]
+    diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
+    return Decomposition(
+        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
+        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)

@@ -1,0 +1,213 @@
+"""Model loading: ``"timm:<name>"`` and ``"open_clip:<architecture>"`` → model, preprocessing, readout.
+
+Names are checked before anything is built or downloaded; unknown names and tags fail with close
+matches. ``pretrained`` is a weights tag (open_clip: ``laion2b_s34b_b88k``; timm: the part after the
+dot, ``fb_in1k``, or ``True`` for the default tag); ``checkpoint`` is a local weights file
+(``.safetensors``, ``.pt``/``.pth``/``.bin``) loaded into the named architecture. Nothing is
+downloaded when ``pretrained`` is false.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import UnknownModelError
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("timm", "open_clip")
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What ``z`` is for this model.
+
+    ``kind``: ``"pre_logits"`` (timm: what the classifier head consumes) or ``"image_embedding"``
+    (open_clip: ``encode_image``, projected into the joint text-image space); ``pool``: how tokens
+    are pooled (``token[0]`` = CLS, ``mean[k:]``); ``dim``: size of ``z``.
+    """
+
+    kind: str
+    pool: str
+    dim: int
+    space: str  # "clip" when z lives in a CLIP joint embedding space
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for :func:`vitdecomp.decompose`: ``model`` (eval mode), its ``transform``
+    (PIL image → normalised tensor), ``readout`` description and provenance fields."""
+
+    name: str
+    library: str
+    arch: str
+    model: nn.Module
+    transform: Callable
+    readout: Readout
+    pretrained: Optional[str] = None
+    checkpoint: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+    preprocess: dict = field(default_factory=dict)
+    tokenizer: Optional[Callable] = None  # open_clip only
+
+    @property
+    def vision(self) -> nn.Module:
+        """The vision tower that is decomposed (``model.visual`` for open_clip)."""
+        return getattr(self.model, "visual", self.model)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.preprocess.get("input_size", (3, 224, 224))[-2:])
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """``"timm:vit_base_patch16_224"`` → ``("timm", "vit_base_patch16_224")``."""
+    lib, sep, arch = name.partition(":")
+    if not sep or lib not in LIBRARIES or not arch:
+        raise UnknownModelError(f"model name {name!r} must look like 'timm:<model>' or 'open_clip:<architecture>' "
+                                "(e.g. 'timm:deit_tiny_patch16_224', 'open_clip:ViT-B-16')")
+    return lib, arch
+
+
+def _suggest(what: str, name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    return f"unknown {what} {name!r}" + (f"; did you mean {close}?" if close else f" ({len(choices)} available)")
+
+
+def check_name(name: str, pretrained: Union[bool, str, None] = None) -> tuple[str, str]:
+    """Validate a model name (and weights tag) without building anything."""
+    lib, arch = parse_name(name)
+    if lib == "timm":
+        import timm
+
+        base, _, tag = arch.partition(".")
+        if base not in timm.list_models():
+            raise UnknownModelError(_suggest("timm model", base, timm.list_models()) +
+                                    " — list them with timm.list_models('*pattern*')")
+        if isinstance(pretrained, str) and tag and pretrained != tag:
+            raise UnknownModelError(f"{name}: weights tag given twice ({tag!r} in the name, {pretrained!r} as pretrained)")
+        tag = tag or (pretrained if isinstance(pretrained, str) else "")
+        if tag:
+            tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+            if tag not in tags:
+                raise UnknownModelError(_suggest(f"weights tag for timm:{base}", tag, tags) + f"; known tags: {tags}")
+    else:
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise UnknownModelError(_suggest("open_clip architecture", arch, open_clip.list_models()) +
+                                    " — list them with open_clip.list_models()")
+        if isinstance(pretrained, str):
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            if pretrained not in tags:
+                raise UnknownModelError(_suggest(f"pretrained tag for open_clip:{arch}", pretrained, tags) +
+                                        f"; known tags: {tags}")
+        elif pretrained is True:
+            raise UnknownModelError(f"open_clip:{arch}: pass pretrained=<tag>, one of "
+                                    f"{open_clip.list_pretrained_tags_by_model(arch)}")
+    return lib, arch
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str) -> dict:
+    """Load weights from a local file without unpickling code (safetensors, or torch ``weights_only``)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def load_model(
+    name: str,
+    pretrained: Union[bool, str, None] = False,
+    checkpoint: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **model_kwargs,
+) -> LoadedModel:
+    """Build a model by name, in eval mode, with its own preprocessing.
+
+    Args:
+        name: ``"timm:<model>[.<tag>]"`` or ``"open_clip:<architecture>"``.
+        pretrained: weights tag, ``True`` (timm default tag) or ``False`` (random init, no download).
+        checkpoint: local weights file loaded into the architecture (strict).
+        model_kwargs: passed to ``timm.create_model`` / ``open_clip.create_model_and_transforms``.
+    """
+    lib, arch = check_name(name, pretrained)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise UnknownModelError(f"checkpoint {checkpoint!r} does not exist (expected a local weights file)")
+    if checkpoint is not None and pretrained:
+        raise UnknownModelError("pass either pretrained=<tag> or checkpoint=<file>, not both")
+    tag = pretrained if isinstance(pretrained, str) else None
+    if lib == "timm":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        base, _, name_tag = arch.partition(".")
+        tag = name_tag or tag
+        full = f"{base}.{tag}" if tag else base
+        model = timm.create_model(full, pretrained=bool(pretrained), **model_kwargs)
+        if checkpoint:
+            model.load_state_dict(load_state_dict(checkpoint))
+        cfg = resolve_data_config({}, model=model)
+        transform = create_transform(**cfg, is_training=False)
+        pool = "token[0]" if model.global_pool == "token" else f"mean[{model.num_prefix_tokens}:]"
+        readout = Readout("pre_logits", pool, model.num_features, "clip" if "clip" in base else "features")
+        preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+        tokenizer = None
+    else:
+        import open_clip
+
+        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=tag, **model_kwargs)
+        if checkpoint:
+            model.load_state_dict(load_state_dict(checkpoint))
+        v = model.visual
+        size = tuple(v.image_size) if isinstance(v.image_size, (tuple, list)) else (v.image_size,) * 2
+        pp = getattr(v, "preprocess_cfg", {}) or {}
+        preprocess = {"input_size": [3, *size], "mean": list(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                      "std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
+                      "interpolation": pp.get("interpolation", "bicubic"), "resize_mode": pp.get("resize_mode", "shortest")}
+        readout = Readout("image_embedding", "token[0]" if getattr(v, "pool_type", "tok") == "tok" else "mean[1:]",
+                          int(v.output_dim), "clip")
+        tokenizer = open_clip.get_tokenizer(arch)
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=f"{lib}:{arch}", library=lib, arch=arch, model=model, transform=transform,
+                       readout=readout, pretrained=tag or (None if not pretrained else "default"),
+                       checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
+                       preprocess=preprocess, tokenizer=tokenizer)
+
+
+# Random-initialised stand-ins used by the test-suite (SPEC §2.4), one per supported family.
+TEST_MODELS = (
+    "timm:deit_tiny_patch16_224",
+    "timm:vit_small_patch14_dinov2",
+    "timm:vit_small_patch14_reg4_dinov2",
+    "timm:vit_base_patch16_clip_224",
+    "open_clip:ViT-S-16",
+)
+
+
+def supported_models() -> tuple[str, ...]:
+    """Small random-init stand-ins of every supported family (for tests and benchmarks)."""
+    return TEST_MODELS
