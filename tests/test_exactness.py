@@ -147,3 +147,41 @@ def test_parameters_with_grad_and_sequence_first_open_clip():
     assert torch.equal(d.readout, z)
     assert float(d.residual().max()) <= 1e-5
     assert d.token_map("transformer.resblocks.1.attn.head.2").shape == (3, 4, 4, 16)
+
+
+VARIANTS = {
+    "qk_norm+sub_norms+layerscale": dict(qk_norm=True, scale_attn_norm=True, scale_mlp_norm=True, init_values=0.3),
+    "avg_pool+fc_norm+registers": dict(global_pool="avg", fc_norm=True, reg_tokens=2, class_token=True),
+    "avg_pool_no_cls+pre_norm": dict(global_pool="avg", class_token=False, pre_norm=True, fc_norm=True),
+    "rmsnorm+no_qkv_bias": dict(norm_layer="rmsnorm", qkv_bias=False, proj_bias=False),
+    "dynamic_img_size": dict(dynamic_img_size=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_timm_vit_variants(variant):
+    """Rule coverage beyond the named models: every supported switch of timm's VisionTransformer."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kw = VARIANTS[variant]
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=5, **kw)
+    with torch.no_grad():                          # non-trivial norm affines and LayerScale gains
+        for name, p in m.named_parameters():
+            if "norm" in name or "ls" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    m = m.double().eval()
+    size = (48, 40) if kw.get("dynamic_img_size") else (32, 32)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.inference_mode():
+        z = m.forward_head(m.forward_features(x), pre_logits=True)
+    name = "blocks.1.attn.head.2"
+    for heads in (True, False):
+        for convention in ("centered", "uniform"):
+            d = vd.decompose(m, x, heads=heads, convention=convention, tokens=[name] if heads else None)
+            assert torch.equal(d.readout, z)
+            assert float(d.residual().max()) <= 1e-10, (variant, heads, convention, float(d.residual().max()))
+            if heads:
+                torch.testing.assert_close(d.tokens[name].sum(1), d[name], rtol=0, atol=1e-12)
+    if kw.get("dynamic_img_size"):
+        assert d.grid == (6, 5)

@@ -117,18 +117,19 @@ def _register_timm() -> None:
             super().__init__(path, module)
             if getattr(module, "gate", None) is not None:
                 raise UnsupportedModuleError(f"{path}: gated timm Attention (gate=True) is not supported yet")
+            if not isinstance(module.qkv, nn.Linear):
+                raise UnsupportedModuleError(f"{path}.qkv: {type(module.qkv).__qualname__} is not an nn.Linear")
             self.num_heads, self.head_dim = module.num_heads, module.head_dim
             self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
 
         def hooks(self, ctx, sink):
             m, cap = self.module, {}
+            k_plain = isinstance(m.k_norm, nn.Identity)
 
             def pre(_, args, kwargs):
                 _no_mask(self.path, kwargs, "attn_mask", "is_causal")
                 cap.clear()
-
-            def on_qkv(_, __, out):
-                cap["qkv"] = out
+                cap["x"] = args[0] if args else kwargs["x"]
 
             def on_q(_, __, out):
                 cap["q"] = out
@@ -144,38 +145,54 @@ def _register_timm() -> None:
                     x = out.to(ctx.dtype)
                     res = AttnResult(branch=ctx.pooling.pool(x))
                     if ctx.heads:
-                        self._split(ctx, cap, res, x.shape[1])
+                        self._split(ctx, cap, res, x.shape[1], k_plain)
                 cap.clear()
                 sink(res)
 
             handles = [m.register_forward_pre_hook(pre, with_kwargs=True),
-                       m.qkv.register_forward_hook(on_qkv),
                        m.q_norm.register_forward_hook(on_q),
-                       m.k_norm.register_forward_hook(on_k),
                        m.register_forward_hook(post)]
+            if not k_plain:
+                handles.append(m.k_norm.register_forward_hook(on_k))
             if self.subnorm.kind != "identity":
                 handles.append(m.norm.register_forward_pre_hook(on_norm_in))
             return handles
 
-        def _split(self, ctx, cap, res: AttnResult, n: int) -> None:
+        def _split(self, ctx, cap, res: AttnResult, n: int, k_plain: bool) -> None:
+            """Readout rows from the captured input ``x`` and queries; no copy of keys or values.
+
+            ``q_h·k_h[m] = (W_k,hᵀ q_h)·x[m] + q_h·b_k,h`` (the second term is constant over ``m`` and
+            cancels in the softmax) when ``k_norm`` is the identity; ``Σ_m α[m] v_h[m] = (Σ_m α[m]
+            x[m]) W_v,hᵀ + b_v,h`` because ``Σ_m α[m] = 1``.
+            """
             m, H, dh, dt = self.module, self.num_heads, self.head_dim, ctx.dtype
-            B = cap["qkv"].shape[0]
+            x = cap["x"].to(dt)                                                  # [B, N, D]
+            B, D = x.shape[0], x.shape[-1]
             pos = ctx.pooling.positions(n)
+            w_qkv = m.qkv.weight.to(dt)
+            b_qkv = m.qkv.bias.to(dt) if m.qkv.bias is not None else torch.zeros(3 * H * dh, dtype=dt, device=x.device)
+            w_k, w_v = w_qkv[H * dh:2 * H * dh].view(H, dh, D), w_qkv[2 * H * dh:].view(H, dh, D)
+            b_v = b_qkv[2 * H * dh:].view(H, dh)
             q = cap["q"][:, :, pos].to(dt)                                       # [B, H, S, dh]
-            k = cap["k"].to(dt)                                                  # [B, H, N, dh]
-            v = cap["qkv"].reshape(B, n, 3, H, dh)[:, :, 2].transpose(1, 2).to(dt)  # [B, H, N, dh]
             w = ctx.pooling.weights(n, B, dt, q.device)                          # [B, S]
             if self.subnorm.kind != "identity":
                 _, sigma = layernorm_stats(cap["norm_in"][:, pos].to(dt), self.subnorm)
                 w = w / sigma[..., 0]
-            alpha = readout_rows(torch.einsum("bhsd,bhnd->bhsn", q, k) * m.scale, w)   # [B, H, N]
+            if k_plain:
+                q_tilde = torch.einsum("bhsd,hde->bhse", q, w_k)                 # [B, H, S, D]
+                scores = torch.einsum("bhse,bne->bhsn", q_tilde, x)
+            else:
+                scores = torch.einsum("bhsd,bhnd->bhsn", q, cap["k"].to(dt))
+            alpha = readout_rows(scores * m.scale, w)                            # [B, H, N]
             w_o = m.proj.weight.to(dt).view(-1, H, dh)                           # [D, H, dh]
             subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
-            vt = torch.einsum("bhn,bhnd->bhd", alpha, v)[:, :, None]            # [B, H, 1, dh]
+            xt = torch.einsum("bhn,bne->bhe", alpha, x)                          # [B, H, D]
+            vt = (torch.einsum("bhe,hde->bhd", xt, w_v) + b_v)[:, :, None]       # [B, H, 1, dh]
             res.heads = out_project(vt, w_o, subln)[:, :, 0]
             res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
             for h in ctx.token_heads(self.path):
-                terms = (alpha[:, h, :, None] * v[:, h])[:, None]                # [B, 1, N, dh]
+                v_h = torch.einsum("bne,de->bnd", x, w_v[h]) + b_v[h]               # [B, N, dh]
+                terms = (alpha[:, h, :, None] * v_h)[:, None]                    # [B, 1, N, dh]
                 sub = None if subln is None else (subln[0][h:h + 1], subln[1], subln[2])
                 res.tokens[h] = out_project(terms, w_o[:, h:h + 1], sub)[:, 0]
 

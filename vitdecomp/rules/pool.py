@@ -27,9 +27,9 @@ class Pooling:
         return torch.full((batch, s), 1.0 / s, dtype=dtype, device=device)
 
     def pool(self, x: Tensor) -> Tensor:
-        """``x [B, N, D] -> [B, D]``."""
+        """``x [B, N, D] -> [B, D]``, a new tensor (a view would keep the whole sequence alive)."""
         if self.kind == "token":
-            return x[:, self.index]
+            return x[:, self.index].clone()
         return x[:, self.start:].mean(1)
 
     def describe(self) -> str:

@@ -1,0 +1,182 @@
+"""Benchmarks that print ratios measured in one run (``python jobs/benchmark.py <name> --help``).
+
+``overhead``: plain forward vs. per-head decomposition of the same model on the same batch, in one
+process, interleaved repetitions; median times, their ratio and peak memory of each mode.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: int, q) -> None:
+    """In a fresh process: build the model and batch, run ``mode`` once, report peak RSS growth."""
+    import threading
+
+    import psutil
+
+    import vitdecomp as vd
+
+    torch.manual_seed(seed)
+    lm = vd.load_model(model, pretrained=False)
+    x = torch.randn(batch, 3, *lm.image_size)
+    plan = vd.engine.plan_for(lm.vision)
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    if mode == "plain":
+        _no_grad(plan.readout, x)
+    else:
+        vd.decompose(lm, x, heads=heads, blocks=blocks)
+    done.set()
+    t.join()
+    q.put(max(peak, proc.memory_info().rss) - base)
+
+
+def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=None, seed: int = 0,
+                device: Optional[torch.device] = None) -> int:
+    """Peak memory growth (bytes) of one call of ``mode`` ("plain" or "decompose").
+
+    CUDA: ``torch.cuda.max_memory_allocated`` around the call. CPU: the call runs once in a fresh
+    process (with glibc's mmap threshold at 64 KiB) and the growth of its resident set, sampled
+    every millisecond, is reported; in one process the allocator's cached heap would hide peaks.
+    """
+    if device is not None and device.type == "cuda":
+        import vitdecomp as vd
+
+        torch.manual_seed(seed)
+        lm = vd.load_model(model, pretrained=False, device=device)
+        x = torch.randn(batch, 3, *lm.image_size, device=device)
+        plan = vd.engine.plan_for(lm.vision)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        if mode == "plain":
+            _no_grad(plan.readout, x)
+        else:
+            vd.decompose(lm, x, heads=heads, blocks=blocks)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=(mode, model, batch, heads, blocks, seed, q))
+    # glibc serves allocations >= 64 KiB with mmap and unmaps them on free, so the resident set
+    # tracks live tensors instead of the heap's high-water mark
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        p.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    out = q.get(timeout=3600)
+    p.join()
+    return out
+
+
+def _timed(fn: Callable, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: int = 5, device: Optional[str] = None,
+             dtype: str = "fp32", heads: bool = True, blocks: Optional[list[int]] = None, threads: Optional[int] = None,
+             seed: int = 0) -> dict:
+    """Time a plain forward and a decomposition, interleaved, ``reps`` times each; return the figures."""
+    import vitdecomp as vd
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    lm = vd.load_model(model, pretrained=False, device=dev)
+    x = torch.randn(batch, 3, *lm.image_size, device=dev)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    def run(fn):
+        def call():
+            if amp is None:
+                return fn()
+            with torch.autocast(dev.type, dtype=amp):
+                return fn()
+        return call
+
+    plan = vd.engine.plan_for(lm.vision)
+    plain = run(lambda: _no_grad(plan.readout, x))
+    decomp = run(lambda: vd.decompose(lm, x, heads=heads, blocks=blocks))
+    plain(), decomp()                                   # warm-up (allocator, kernels, hooks)
+    t_plain, t_dec = [], []
+    for _ in range(reps):
+        t_plain.append(_timed(plain, dev))
+        t_dec.append(_timed(decomp, dev))
+    d = decomp()
+    mem_plain = peak_memory("plain", model, batch, heads, blocks, seed, dev) if dtype == "fp32" else float("nan")
+    mem_dec = peak_memory("decompose", model, batch, heads, blocks, seed, dev) if dtype == "fp32" else float("nan")
+    mp, md = statistics.median(t_plain), statistics.median(t_dec)
+    return {
+        "model": model, "device": str(dev), "dtype": dtype, "batch": batch, "reps": reps,
+        "components": len(d.names), "d": d.readout.shape[-1], "residual": float(d.residual().max()),
+        "plain_s": mp, "decompose_s": md, "ratio": md / mp,
+        "ratio_per_rep": [b / a for a, b in zip(t_plain, t_dec)],
+        "plain_peak_mib": mem_plain / 2**20, "decompose_peak_mib": mem_dec / 2**20,
+        "contributions_mib": d.contributions.numel() * d.contributions.element_size() / 2**20,
+    }
+
+
+def _no_grad(fn, x):
+    with torch.inference_mode():
+        return fn(x)
+
+
+def print_overhead(r: dict) -> None:
+    print(f"overhead  model={r['model']} device={r['device']} dtype={r['dtype']} batch={r['batch']} "
+          f"reps={r['reps']} components={r['components']} d={r['d']}")
+    print(f"  plain forward     median {r['plain_s']:.3f} s   peak +{r['plain_peak_mib']:.0f} MiB")
+    print(f"  decompose (heads) median {r['decompose_s']:.3f} s   peak +{r['decompose_peak_mib']:.0f} MiB "
+          f"(contributions {r['contributions_mib']:.1f} MiB)")
+    print(f"  ratio decompose/plain = {r['ratio']:.3f}  (per repetition: "
+          + ", ".join(f"{v:.3f}" for v in r["ratio_per_rep"]) + ")")
+    print(f"  reconstruction error max = {r['residual']:.2e}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="performance benchmarks (ratios measured in one run)",
+                       description="Performance benchmarks. Each prints the ratios its targets are stated in.")
+    bsub = p.add_subparsers(dest="benchmark", required=True)
+    o = bsub.add_parser("overhead", help="plain forward vs per-head decomposition, same model and batch",
+                        description="Time a plain forward and a per-head decomposition of the same random-"
+                                    "initialised model on the same batch in one process (interleaved repetitions, "
+                                    "medians), print both, their ratio and the peak memory of one call of each (fp32). Target: <= 1.15x on CPU, "
+                                    "<= 1.1x on GPU for timm:vit_base_patch16_224, batch 32.")
+    o.add_argument("--model", default="timm:vit_base_patch16_224", help="timm:<name> or open_clip:<arch> (random init)")
+    o.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
+    o.add_argument("--reps", type=int, default=5, help="timed repetitions of each mode (default 5)")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or autocast bf16/fp16")
+    o.add_argument("--no-heads", dest="heads", action="store_false", help="layer granularity instead of heads")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    o.set_defaults(func=lambda a: print_overhead(overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
+                                                          threads=a.threads)))
