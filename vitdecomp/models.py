@@ -136,12 +136,25 @@ def load_state_dict(path: str) -> dict:
     return sd
 
 
+def _fetch(build, name: str, tag):
+    """Build a model; a failed weights download becomes one clear error."""
+    try:
+        return build()
+    except (RuntimeError, OSError) as e:
+        if tag and any(w in str(e) for w in ("download", "Hub", "connection", "resolve")):
+            raise UnknownModelError(
+                f"could not fetch the weights of {name} (tag {tag!r}): {str(e)[:300]}. Put them in the Hugging Face "
+                "cache first (HF_HOME), or download the file and pass checkpoint=<path> (--checkpoint)") from e
+        raise
+
+
 def load_model(
     name: str,
     pretrained: Union[bool, str, None] = False,
     checkpoint: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
+    load_weights: bool = True,
     **model_kwargs,
 ) -> LoadedModel:
     """Build a model by name, in eval mode, with its own preprocessing.
@@ -150,6 +163,8 @@ def load_model(
         name: ``"timm:<model>[.<tag>]"`` or ``"open_clip:<architecture>"``.
         pretrained: weights tag, ``True`` (timm default tag) or ``False`` (random init, no download).
         checkpoint: local weights file loaded into the architecture (strict).
+        load_weights: ``False`` builds the architecture with the preprocessing of ``pretrained`` but
+            downloads and loads nothing (a driver that only needs components and transforms).
         model_kwargs: passed to ``timm.create_model`` / ``open_clip.create_model_and_transforms``.
     """
     lib, arch = check_name(name, pretrained)
@@ -165,8 +180,9 @@ def load_model(
         base, _, name_tag = arch.partition(".")
         tag = name_tag or tag
         full = f"{base}.{tag}" if tag else base
-        model = timm.create_model(full, pretrained=bool(pretrained), **model_kwargs)
-        if checkpoint:
+        model = _fetch(lambda: timm.create_model(full, pretrained=bool(pretrained) and load_weights, **model_kwargs),
+                       name, tag)
+        if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         cfg = resolve_data_config({}, model=model)
         transform = create_transform(**cfg, is_training=False)
@@ -177,8 +193,14 @@ def load_model(
     else:
         import open_clip
 
-        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=tag, **model_kwargs)
-        if checkpoint:
+        if tag and not load_weights:       # the tag's preprocessing, without fetching its weights
+            pcfg = open_clip.get_pretrained_cfg(arch, tag)
+            for key in ("mean", "std", "interpolation", "resize_mode"):
+                if pcfg.get(key) is not None:
+                    model_kwargs.setdefault(f"image_{key}", pcfg[key])
+        model, _, transform = _fetch(lambda: open_clip.create_model_and_transforms(
+            arch, pretrained=tag if load_weights else None, **model_kwargs), name, tag)
+        if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         v = model.visual
         size = tuple(v.image_size) if isinstance(v.image_size, (tuple, list)) else (v.image_size,) * 2
