@@ -98,7 +98,7 @@ def parse_blocks(spec: Optional[str]) -> Optional[list[int]]:
 
 
 # ------------------------------------------------------------------------------ stage functions
-def decode_block(t: pa.Table, transform, teacher_transform) -> pa.Table:
+def decode_block(t: pa.Table, transform, teacher_transform, s3: dict) -> pa.Table:
     """Bytes or URI → preprocessed float32 pixels (``_pixels``), or ``_error`` with the reason."""
     from PIL import Image, UnidentifiedImageError
 
@@ -114,7 +114,7 @@ def decode_block(t: pa.Table, transform, teacher_transform) -> pa.Table:
             if b is None:
                 if not uri:
                     raise ValueError("no image bytes and no URI")
-                fs, path = resolve(uri)
+                fs, path = resolve(uri, S3Settings(**s3))
                 with fs.open_input_file(path) as f:
                     b = f.read()
             with Image.open(io.BytesIO(b)) as im:
@@ -347,12 +347,14 @@ def run(cfg: DecomposeConfig) -> Summary:
             "convention": cfg.convention, "normalize": cfg.normalize, "dtype": cfg.dtype,
             "components": [c.name for c in components], "readout_only": cfg.readout_only,
             "schema": schema.serialize().to_pybytes()}
-    ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size,
-                                 fn_args=(lm.transform, teacher.transform if teacher else None))
+    s3d = {"endpoint": s3.endpoint, "region": s3.region}
+    # decoding runs in CPU tasks of its own (its resources differ from the actors', so Ray Data does
+    # not fuse it into the model actors, which would serialise decoding behind the model)
+    ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5,
+                                 fn_args=(lm.transform, teacher.transform if teacher else None, s3d))
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_constructor_args=(spec,), concurrency=cfg.concurrency,
-                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else None)
-    s3d = {"endpoint": s3.endpoint, "region": s3.region}
+                        num_gpus=1 if use_gpu else 0, num_cpus=1)
     ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None,
                         fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d))
 

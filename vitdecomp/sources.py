@@ -151,7 +151,7 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
             raise InputError(f"--columns {missing} are not columns of {uri!r} (columns: {names})")
         passthrough = pa.schema([pa.field(c, _arrow(types[c])) for c in keep])
         _check_passthrough(passthrough, uri)
-        done = ray.put(set(skip_ids or ()))
+        done = frozenset(skip_ids or ())
 
         def to_rows(t: pa.Table, done_ids: set) -> pa.Table:
             import hashlib
@@ -194,22 +194,23 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
     other = [m for m in members if m not in image_members and (columns is None or m in columns)]
     passthrough = pa.schema([pa.field(m, pa.string()) for m in other])
     _check_passthrough(passthrough, uri)
-    done = ray.put(set(skip_ids or ()))
+    done = frozenset(skip_ids or ())
 
     def wds_rows(t: pa.Table, done_ids: set) -> pa.Table:
         urls = t.column("__url__").to_pylist() if "__url__" in t.column_names else [""] * t.num_rows
         keys = t.column("__key__").to_pylist()
         ids = [f"{posixpath.basename(u)}/{k}" for u, k in zip(urls, keys)]
         img = [None] * t.num_rows
-        for m in image_members:
+        for m in [c for c in t.column_names if c.lower() in IMAGE_EXTS]:     # members differ between blocks
             for i, b in enumerate(t.column(m).to_pylist()):
-                if img[i] is None and b is not None:
-                    img[i] = b
+                if img[i] is None and isinstance(b, (bytes, bytearray)):   # absent members come back as NaN
+                    img[i] = bytes(b)
         cols = {"image_id": ids, "uri": [f"{prefix}{u}#{k}" for u, k in zip(urls, keys)],
                 "_bytes": pa.array(img, pa.large_binary())}
         for m in other:
-            vals = t.column(m).to_pylist()
-            cols[m] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vals]
+            vals = t.column(m).to_pylist() if m in t.column_names else [None] * t.num_rows
+            cols[m] = pa.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else v if isinstance(v, str)
+                                else None for v in vals], pa.string())
         out = pa.table(cols)
         return out.filter(pa.array([i not in done_ids for i in ids]))
 

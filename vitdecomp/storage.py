@@ -269,9 +269,12 @@ class Store:
         """Fail before any work if the output cannot be written."""
         probe = f".write-probe-{uuid.uuid4().hex}"
         try:
+            created = self.fs.get_file_info(self.path).type == pafs.FileType.NotFound
             self.fs.create_dir(self.path, recursive=True)
             self._write_bytes(probe, b"ok")
             self.fs.delete_file(self._p(probe))
+            if created and isinstance(self.fs, pafs.LocalFileSystem):
+                self.fs.delete_dir(self.path)        # leave nothing behind if a later check fails
         except OSError as e:
             raise StoreError(f"the output {self.uri} is not writable: {e}") from e
 
