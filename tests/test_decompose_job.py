@@ -181,10 +181,10 @@ def test_cli_help_config_file_and_flag_override(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_stores_every_image_once(tmp_path):
     root = tmp_path / "imgs"
-    valid = make_images(root, n=40, corrupt=True)
+    valid = make_images(root, n=400, corrupt=True)
     out = tmp_path / "store"
-    args = ["decompose.py", "--input", str(root), "--output", str(out), "--model", MODEL, "--batch-size", "2",
-            "--commit-every", "2", "--num-cpus", "2", "--format", "lance"]
+    args = ["decompose.py", "--input", str(root), "--output", str(out), "--model", MODEL, "--batch-size", "4",
+            "--commit-every", "8", "--num-cpus", "2", "--format", "lance"]
     p = run_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
@@ -201,7 +201,7 @@ def test_sigkill_mid_run_then_rerun_stores_every_image_once(tmp_path):
         p.wait()
     partial = open_store(str(out)).count()
     assert 0 < partial < len(valid)
-    r = run_cli(args, capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = run_cli(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log_text, _ = r.communicate(timeout=600)
     assert r.returncode == 0, log_text[-3000:]
     st = open_store(str(out))
@@ -228,24 +228,34 @@ def test_s3_read_write_with_outage_and_no_credentials_leak(ray_local, corpus, tm
             return run(cfg(input="s3://corpus/imgs", output=f"s3://stores/{fmt}", format=fmt,
                            s3_endpoint=s3.endpoint, batch_size=2, commit_every=2))
 
-        # Parquet: a 4 s outage after the first commit; the job retries and finishes
+        # a 4 s outage as soon as the first data reaches the store; the job retries (or a rerun resumes)
         import threading
 
-        def outage():
-            time.sleep(6)
-            s3.forwarder.stop()
-            time.sleep(4)
-            s3.forwarder.start()
+        def outage(fmt, hit):
+            marker = "_commits/" if fmt == "parquet" else "contributions.lance/data/"
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                keys = [o["Key"] for o in c.list_objects_v2(Bucket="stores", Prefix=fmt).get("Contents", [])]
+                if any(marker in k for k in keys):
+                    s3.forwarder.stop()
+                    hit.append(time.time())
+                    time.sleep(4)
+                    s3.forwarder.start()
+                    return
+                time.sleep(0.05)
 
         for fmt in ("parquet", "lance"):
-            th = threading.Thread(target=outage)
+            hit = []
+            th = threading.Thread(target=outage, args=(fmt, hit))
             th.start()
             try:
                 summary = job(fmt)
             except Exception:                 # noqa: BLE001 -- a failed run must be resumable
                 th.join()
                 summary = job(fmt)
+            ended = time.time()
             th.join()
+            assert hit and hit[0] < ended, "the outage did not happen while the job ran"
             st = open_store(f"s3://stores/{fmt}", s3_endpoint=s3.endpoint)
             ids = st.ids()
             assert len(ids) == len(set(ids)) == 8, (fmt, len(ids), len(set(ids)))
