@@ -123,12 +123,25 @@ def test_table_inputs_uri_and_bytes_and_webdataset(ray_local, corpus, tmp_path):
 
     lance.write_dataset(pa.table({"key": [f"k{i}" for i in range(6)], "jpg": [valid[i] for i in ids],
                                   "caption": [f"image {i}" for i in ids]}), str(tmp_path / "src.lance"))
-    s = run(cfg(input=str(tmp_path / "src.lance"), output=str(tmp_path / "b"), id_column="key", dtype="fp32"))
+    s = run(cfg(input=str(tmp_path / "src.lance"), output=str(tmp_path / "b"), id_column="key", dtype="fp32",
+                teacher="open_clip:ViT-S-16"))
     st = open_store(str(tmp_path / "b"))
     assert s.written == 6 and sorted(st.ids()) == [f"k{i}" for i in range(6)]
-    b = next(st.iter_batches(batch_size=10, columns=["caption"]))
-    ref = reference(valid, [ids[int(k[1:])] for k in b.ids])
+    b = next(st.iter_batches(batch_size=10, columns=["caption"], teacher=True))
+    srcs = [ids[int(k[1:])] for k in b.ids]
+    ref = reference(valid, srcs)
     np.testing.assert_allclose(b.contributions, ref.contributions.numpy(), rtol=0, atol=1e-6)
+    assert b.columns["caption"].to_pylist() == [f"image {i}" for i in srcs]
+    # the teacher column is the teacher's own normalised image embedding of the same images
+    torch.manual_seed(0)
+    teacher = vd.load_model("open_clip:ViT-S-16")
+    tx = torch.stack([teacher.transform(Image.open(io.BytesIO(valid[i])).convert("RGB")) for i in srcs])
+    with torch.inference_mode():
+        te = teacher.model.encode_image(tx, normalize=True)
+    np.testing.assert_allclose(b.teacher, te.numpy(), rtol=0, atol=1e-6)
+    assert st.manifest["teacher"]["name"] == "open_clip:ViT-S-16" and st.manifest["teacher"]["dim"] == 384
+    with pytest.raises(StoreError, match="--teacher"):
+        next(open_store(str(tmp_path / "a")).iter_batches(teacher=True))
 
     # WebDataset shards
     make_shards(tmp_path / "wds", {i: valid[i] for i in sorted(valid)[:7]}, per_shard=3)

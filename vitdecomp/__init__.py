@@ -3,10 +3,12 @@ from .engine import Decomposition, components_for, decompose
 from .errors import InputError, UnknownModelError, UnsupportedModuleError, VitdecompError
 from .models import LoadedModel, load_model, supported_models
 from .names import Component
+from .storage import Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Component", "Decomposition", "InputError", "LoadedModel", "UnknownModelError", "UnsupportedModuleError",
-    "VitdecompError", "components_for", "decompose", "load_model", "supported_models", "__version__",
+    "Store", "VitdecompError", "components_for", "decompose", "load_model", "open_store", "supported_models",
+    "__version__",
 ]

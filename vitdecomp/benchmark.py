@@ -162,6 +162,106 @@ def print_overhead(r: dict) -> None:
     print(f"  reconstruction error max = {r['residual']:.2e}")
 
 
+class TreeMemory:
+    """Peak summed RSS of this process and all its descendants (the local Ray it started), sampled."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        import psutil
+
+        self.peak, self._interval, self._stop = 0, interval, threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # noqa: BLE001 -- processes come and go
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int = 10, fmt: str = "lance",
+        batch_size: int = 32, workdir: Optional[str] = None, num_cpus: Optional[int] = None) -> dict:
+    """Decompose job vs a readout-only job on the same images; memory at N and scale·N; bytes per image."""
+    import tempfile
+
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    from .decompose_job import DecomposeConfig, run
+
+    work = workdir or tempfile.mkdtemp(prefix="vitdecomp-bench-")
+    rng = np.random.default_rng(0)
+
+    def corpus(n: int, name: str) -> str:
+        root = os.path.join(work, name)
+        os.makedirs(root, exist_ok=True)
+        for i in range(n):
+            p = os.path.join(root, f"{i:06d}.jpg")
+            if not os.path.exists(p):
+                Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(p, quality=90)
+        return root
+
+    small, large = corpus(images, "n"), corpus(images * scale, "n10")
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+    def one(src, out, **kw):
+        import shutil
+
+        shutil.rmtree(os.path.join(work, out), ignore_errors=True)       # fresh stores: nothing skipped
+        cfg = DecomposeConfig(input=src, output=os.path.join(work, out), model=model, format=fmt,
+                              batch_size=batch_size, commit_every=max(256, batch_size), **kw)
+        with TreeMemory() as mem:
+            s = run(cfg)
+        return s, mem.peak
+
+    plain, _ = one(small, "plain", readout_only=True)
+    dec, mem_n = one(small, "dec")
+    dec10, mem_10n = one(large, "dec10")
+    from .storage import open_store
+
+    st = open_store(os.path.join(work, "dec"))
+    K, d = len(st.names), st.manifest["d"]
+    return {"model": model, "images": images, "scale": scale, "format": fmt, "components": K, "d": d,
+            "plain_images_per_s": plain.steady_images_per_s, "decompose_images_per_s": dec.steady_images_per_s,
+            "throughput_ratio": dec.steady_images_per_s / plain.steady_images_per_s,
+            "plain_wall_images_per_s": plain.images_per_s, "decompose_wall_images_per_s": dec.images_per_s,
+            "peak_mib_n": mem_n / 2**20, "peak_mib_10n": mem_10n / 2**20, "memory_ratio": mem_10n / mem_n,
+            "bytes_per_image": dec.bytes_per_image, "bytes_ratio": dec.bytes_per_image / (K * d * 2),
+            "large_images_per_s": dec10.images_per_s}
+
+
+def print_job(r: dict) -> None:
+    print(f"job  model={r['model']} format={r['format']} N={r['images']} components={r['components']} d={r['d']}")
+    print(f"  readout-only job  {r['plain_images_per_s']:.1f} images/s steady "
+          f"({r['plain_wall_images_per_s']:.1f} incl. start-up)")
+    print(f"  decompose job     {r['decompose_images_per_s']:.1f} images/s steady "
+          f"({r['decompose_wall_images_per_s']:.1f} incl. start-up)   ratio {r['throughput_ratio']:.3f} (target >= 0.8)")
+    print(f"  peak memory (driver + local Ray)  N: {r['peak_mib_n']:.0f} MiB   {r['scale']}N: {r['peak_mib_10n']:.0f} "
+          f"MiB   ratio {r['memory_ratio']:.3f} (target <= 1.1)")
+    print(f"  stored bytes/image {r['bytes_per_image']:.0f} = {r['bytes_ratio']:.3f} x components*d*2 (target <= 1.05)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="performance benchmarks (ratios measured in one run)",
                        description="Performance benchmarks. Each prints the ratios its targets are stated in.")
@@ -178,5 +278,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or autocast bf16/fp16")
     o.add_argument("--no-heads", dest="heads", action="store_false", help="layer granularity instead of heads")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    j = bsub.add_parser("job", help="decompose job vs readout-only job: images/s, memory at N and 10N, bytes/image",
+                        description="Run the decompose job and a plain embedding job (same pipeline, readout only) "
+                                    "on the same generated images; print images/s of both and their ratio (target "
+                                    ">= 0.8), peak memory at N and 10N images (target <= 1.1x) and stored bytes per "
+                                    "image / (components x d x 2) (target <= 1.05).")
+    j.add_argument("--model", default="timm:deit_tiny_patch16_224", help="model (random init)")
+    j.add_argument("--images", type=int, default=500, help="N (default 500)")
+    j.add_argument("--scale", type=int, default=10, help="memory is compared at N and scale*N (default 10)")
+    j.add_argument("--format", default="lance", choices=["lance", "parquet"])
+    j.add_argument("--batch-size", type=int, default=32)
+    j.add_argument("--workdir", default=None, help="where images and stores go (default: a temp dir)")
+    j.set_defaults(func=lambda a: print_job(job(a.model, a.images, a.scale, a.format, a.batch_size, a.workdir)))
     o.set_defaults(func=lambda a: print_overhead(overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
                                                           threads=a.threads)))

@@ -257,6 +257,7 @@ class Summary:
     total_rows: int = 0
     bytes_per_image: float = 0.0
     commits: int = 0
+    steady_images_per_s: float = 0.0    # after the first results arrived (excludes start-up)
     store: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -353,7 +354,7 @@ def run(cfg: DecomposeConfig) -> Summary:
     ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5,
                                  fn_args=(lm.transform, teacher.transform if teacher else None, s3d))
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
-                        fn_constructor_args=(spec,), concurrency=cfg.concurrency,
+                        fn_constructor_args=(spec,), compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                         num_gpus=1 if use_gpu else 0, num_cpus=1)
     ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None,
                         fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d))
@@ -379,7 +380,12 @@ def run(cfg: DecomposeConfig) -> Summary:
                  sum(p["rows"] for p in pending), len(pending_errors), summary.written)
         pending, pending_errors, pending_rows = [], [], 0
 
+    t_first, n_first, n_seen = None, 0, 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n_batch = int(pc.sum(batch.column("rows")).as_py() or 0)
+        if t_first is None:
+            t_first, n_first = time.time(), n_batch
+        n_seen += n_batch
         for kind, payload, rows in zip(batch.column("kind").to_pylist(), batch.column("payload").to_pylist(),
                                        batch.column("rows").to_pylist()):
             rec = json.loads(payload)
@@ -391,7 +397,10 @@ def run(cfg: DecomposeConfig) -> Summary:
             pending_rows += rows
         if pending_rows >= cfg.commit_every:
             commit()
+    t_last = time.time()
     commit()
+    if t_first is not None and t_last > t_first and n_seen > n_first:
+        summary.steady_images_per_s = (n_seen - n_first) / (t_last - t_first)
     return _finish(summary, store, t0)
 
 

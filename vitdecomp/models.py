@@ -84,6 +84,9 @@ def _suggest(what: str, name: str, choices: list[str]) -> str:
 def check_name(name: str, pretrained: Union[bool, str, None] = None) -> tuple[str, str]:
     """Validate a model name (and weights tag) without building anything."""
     lib, arch = parse_name(name)
+    from .toyworld.registry import register
+
+    register()                       # the toy world's named architectures
     if lib == "timm":
         import timm
 

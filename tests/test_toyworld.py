@@ -1,0 +1,96 @@
+"""The toy world: deterministic generator with correct planted attributes, tiny models, the demo wiring."""
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import vitdecomp as vd
+from vitdecomp.toyworld.generate import HUE_RANGES, SCENES, WorldConfig, _mask, caption, generate, render, sample_attributes
+from vitdecomp.toyworld.registry import TOY_CLIP, TOY_VIT
+
+
+def test_generator_is_deterministic_in_the_seed(tmp_path):
+    cfg = WorldConfig(seed=3, n_train=20, n_val=5, n_test=5)
+    a, b = sample_attributes(cfg), sample_attributes(cfg)
+    assert a == b
+    assert all(np.array_equal(render(x), render(y)) for x, y in zip(a[:6], b[:6]))
+    c = sample_attributes(WorldConfig(seed=4, n_train=20, n_val=5, n_test=5))
+    assert [x["caption"] for x in a] != [x["caption"] for x in c]
+    m1 = generate(str(tmp_path / "w1"), cfg)
+    m2 = generate(str(tmp_path / "w2"), cfg)
+    import pyarrow.parquet as pq
+
+    t1, t2 = pq.read_table(m1).drop_columns(["uri"]), pq.read_table(m2).drop_columns(["uri"])
+    assert t1.equals(t2)
+    for rel in ("images/train/00000.png", "images/test/00004.png"):
+        assert (tmp_path / "w1" / rel).read_bytes() == (tmp_path / "w2" / rel).read_bytes()
+
+
+def test_planted_attributes_are_what_the_pixels_show():
+    cfg = WorldConfig(seed=0, n_train=4000, n_val=1000, n_test=10)
+    attrs = sample_attributes(cfg)
+    train = [a for a in attrs if a["split"] == "train"]
+    val = [a for a in attrs if a["split"] == "val"]
+    agree = lambda rows: np.mean([(a["label"] == 0) == (a["background"] == "water") for a in rows])  # noqa: E731
+    assert abs(agree(train) - cfg.agreement) < 0.02          # spurious correlation in training
+    assert abs(agree(val) - 0.5) < 0.05                      # none in validation
+    for a in attrs[:200]:
+        lo, hi = HUE_RANGES[a["label"]]
+        h = a["hue"] - 1.0 if a["hue"] > hi else a["hue"]          # hues wrap around the wheel
+        assert lo <= h <= hi, a
+        assert a["scene"] in SCENES[a["background"]]
+        assert caption(a) == a["caption"] and a["shape"] in a["caption"] and a["scene"] in a["caption"]
+        img = render(a)
+        m = _mask(a, img.shape[0])
+        assert 0.02 < m.mean() < 0.5                          # the object is there, and not everything
+        if a["texture"] == "plain":                           # object pixels carry the planted colour
+            rgb = img[m].mean(0) / 255.0
+            hue = colorsys.rgb_to_hsv(*rgb)[0]
+            d = min(abs(hue - a["hue"]), 1 - abs(hue - a["hue"]))
+            assert d < 0.02, (a["caption"], hue, a["hue"])
+
+
+def test_toy_architectures_load_by_name_and_decompose_exactly(tmp_path):
+    for name, n_comp in ((TOY_VIT, 22), (TOY_CLIP, 22)):
+        lm = vd.load_model(name)
+        x = torch.randn(3, 3, 64, 64)
+        d = vd.decompose(lm, x)
+        assert len(d.names) == n_comp and float(d.residual().max()) <= 1e-5
+    with pytest.raises(ValueError, match="checkpoint"):
+        vd.load_model(TOY_VIT, pretrained=True)
+
+
+@pytest.mark.slow
+def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp_path, capsys):
+    from vitdecomp.demo import run
+
+    s = run(str(tmp_path), small=True)
+    out = capsys.readouterr().out
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "not in this demo yet"):
+        assert stage in out
+    assert os.path.exists(s["metadata"])
+    for k in ("classifier", "clip"):
+        assert os.path.exists(s["models"][k]["checkpoint"]) and not s["models"][k]["cached"]
+    n = 240 + 60 + 60
+    clf = vd.open_store(s["stores"]["classifier"])
+    clip = vd.open_store(s["stores"]["clip"])
+    assert clf.count() == clip.count() == n
+    assert clf.has_teacher and clf.manifest["teacher"]["name"] == TOY_CLIP
+    assert clf.manifest["model"]["checkpoint_sha256"] and len(clf.names) == len(clip.names) == 22
+    row = clf.read(columns=["image_id", "split", "label", "group", "caption"], ids=["test/00000"]).to_pylist()[0]
+    assert row["split"] == "test" and row["group"].startswith(("warm", "cool"))
+    # the stored classifier readout is the model's own pre-logits: its head gives the logits
+    b = next(clf.iter_batches(batch_size=8, teacher=True))
+    np.testing.assert_allclose(b.contributions.sum(1), b.readout, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(b.teacher, axis=1), 1.0, atol=1e-5)
+    summary = json.loads((tmp_path / "demo-summary.json").read_text())
+    assert 0.0 <= summary["classifier_groups"]["worst_group"] <= 1.0 and set(summary["clip_zero_shot"]) >= {"shape"}
+
+    s2 = run(str(tmp_path), small=True)                       # cached: no retraining, nothing re-stored
+    assert all(s2["models"][k]["cached"] for k in ("classifier", "clip"))
+    assert vd.open_store(s2["stores"]["clip"]).count() == n
