@@ -356,7 +356,9 @@ def run(cfg: DecomposeConfig) -> Summary:
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_constructor_args=(spec,), compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                         num_gpus=1 if use_gpu else 0, num_cpus=1)
-    ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None,
+    # writers are I/O-bound and must never starve behind decoding and the model (else nothing is
+    # committed until the end and results pile up in the object store)
+    ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
                         fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d))
 
     pending: list[dict] = []

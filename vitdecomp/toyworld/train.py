@@ -91,7 +91,7 @@ def train_classifier(world_dir: str, out_path: str, cfg: TrainConfig = TrainConf
             sched.step()
             correct += int((logits.argmax(-1) == y[idx]).sum())
             total += len(idx)
-        _progress("classifier", epoch + 1, cfg.classifier_epochs, t0, loss=float(loss), train_acc=correct / total)
+        _progress("classifier", epoch + 1, cfg.classifier_epochs, t0, loss=float(loss.detach()), train_acc=correct / total)
     model.eval()
     _save(model, out_path)
     return {"train_acc": correct / total, "seconds": time.time() - t0}
@@ -129,10 +129,10 @@ def train_clip(world_dir: str, out_path: str, cfg: TrainConfig = TrainConfig()) 
             loss.backward()
             opt.step()
             sched.step()
-        _progress("clip", epoch + 1, cfg.clip_epochs, t0, loss=float(loss))
+        _progress("clip", epoch + 1, cfg.clip_epochs, t0, loss=float(loss.detach()))
     model.eval()
     _save(model, out_path)
-    return {"final_loss": float(loss), "seconds": time.time() - t0}
+    return {"final_loss": float(loss.detach()), "seconds": time.time() - t0}
 
 
 def _save(model: torch.nn.Module, path: str) -> None:
@@ -169,7 +169,8 @@ def ensure_models(world_dir: str, world_key: str, cache_dir: str, cfg: TrainConf
 
 @torch.inference_mode()
 def zero_shot_accuracy(clip_lm, world_dir: str, split: str = "test", limit: Optional[int] = None) -> dict:
-    """Tiny-CLIP zero-shot accuracy per attribute: the caption-style prompt of each value vs the others."""
+    """Tiny-CLIP zero-shot accuracy per attribute: caption-style prompts of each value vs the others
+    (a value with several prompts — a background family and its scenes — uses their mean embedding)."""
     from .generate import SCENES, SHAPES, TEXTURES
 
     x, rows = load_images(world_dir, split, clip_lm.transform, limit)
@@ -178,13 +179,17 @@ def zero_shot_accuracy(clip_lm, world_dir: str, split: str = "test", limit: Opti
         "shape": {s: f"a {s}" for s in SHAPES},
         "texture": {t: (f"a {t} shape" if t != "plain" else "a plain shape") for t in TEXTURES},
         "scene": {s: f"a shape on {s}" for fam in SCENES.values() for s in fam},
-        "background": {"water": "a shape on water", "land": "a shape on land"},
+        "background": {fam: [f"a shape on {s}" for s in scenes] for fam, scenes in SCENES.items()},
         "label_name": {"warm": "a red shape", "cool": "a green shape"},
     }
     out = {}
     for attr, choices in prompts.items():
         names = list(choices)
-        txt = F.normalize(clip_lm.model.encode_text(clip_lm.tokenizer(list(choices.values()))), dim=-1)
+        txt = []
+        for p in choices.values():
+            e = F.normalize(clip_lm.model.encode_text(clip_lm.tokenizer(p if isinstance(p, list) else [p])), dim=-1)
+            txt.append(F.normalize(e.mean(0), dim=-1))
+        txt = torch.stack(txt)
         pred = (img @ txt.T).argmax(-1).tolist()
         out[attr] = float(np.mean([names[p] == r[attr] for p, r in zip(pred, rows)]))
     return out
