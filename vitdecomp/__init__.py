@@ -3,6 +3,7 @@ from .engine import Decomposition, components_for, decompose
 from .errors import InputError, UnknownModelError, UnsupportedModuleError, VitdecompError
 from .models import LoadedModel, load_model, supported_models
 from .names import Component
+from . import compalign
 from .storage import Store, open_store
 
 __version__ = "0.1.0"

@@ -155,6 +155,7 @@ class DecomposeWorker:
                                 device=self.device)
         self.teacher = None
         if spec["teacher"]:
+            torch.manual_seed(spec.get("seed", 0))      # random-init models: each built from seed 0
             self.teacher = vd.load_model(spec["teacher"], pretrained=spec["teacher_pretrained"] or False,
                                          checkpoint=spec["teacher_checkpoint"], device=self.device)
         self.size = (3, *self.lm.image_size)

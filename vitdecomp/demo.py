@@ -17,8 +17,8 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
-MISSING_STAGES = ("fit (CompAlign, TextSpan)", "query (CompAttribute, retrieval, ablation, spurious mitigation, "
-                                               "heatmaps, HTML report)")
+MISSING_STAGES = ("query (CompAttribute, retrieval, ablation, spurious mitigation, heatmaps, HTML report)",
+                  "TextSpan's reconstruction evaluation")
 
 
 def example_image(size: int = 224):
@@ -99,10 +99,26 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
             st = vd.open_store(uri)
             print(f"    {name}: {st.count()} rows x {len(st.names)} components (d={st.manifest['d']}) in {uri}")
 
-    with stage("5/5 fit and query"):
+    fits = {}
+    with stage("5/5 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
+        from .fit_job import CompAlignJob, TextSpanJob, run_compalign, run_textspan
+        from .toyworld.generate import vocabulary_pool
+
+        pool_path = os.path.join(workdir, "world-pool.txt")
+        with open(pool_path, "w") as f:
+            f.write("\n".join(vocabulary_pool()) + "\n")
+        fits["aligner"] = os.path.join(workdir, "fit", "classifier-compalign")
+        fits["compalign"] = run_compalign(CompAlignJob(store=stores["classifier"], out=fits["aligner"],
+                                                       max_epochs=3 if small else 15, lr=1e-3))
+        cache = os.path.join(workdir, "cache", "text")
+        for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
+            out = os.path.join(workdir, "fit", f"textspan-{name}")
+            run_textspan(TextSpanJob(store=stores[name], out=out, pool=pool_path, texts_per_head=5, rank=32,
+                                     clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
+            fits[f"textspan_{name}"] = out
         print("    not in this demo yet: " + "; ".join(MISSING_STAGES))
 
-    summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores,
+    summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores, "fits": fits,
                "classifier_groups": groups, "clip_zero_shot": zs, "seconds": time.time() - t0}
     with open(os.path.join(workdir, "demo-summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)

@@ -384,8 +384,20 @@ class Store:
 
     def iter_batches(self, components: Optional[Sequence[str]] = None, ids: Optional[Sequence[str]] = None,
                      batch_size: int = 1024, columns: Sequence[str] = (), teacher: bool = False,
-                     dtype=np.float32) -> Iterator["StoreBatch"]:
-        """Committed rows in batches: ``StoreBatch(ids, contributions [b, K, d], readout, teacher, columns)``."""
+                     dtype=np.float32, aligner=None) -> Iterator["StoreBatch"]:
+        """Committed rows in batches: ``StoreBatch(ids, contributions [b, K, d], readout, teacher, columns)``.
+
+        With a CompAlign ``aligner`` the contributions come mapped into the teacher's space
+        (``[b, K, d_teacher]``) on the fly; components default to the aligner's."""
+        if aligner is not None:
+            from .compalign import check_compatible
+
+            check_compatible(aligner, self)
+            if components is None:
+                components = aligner.names
+            missing = [c for c in components if c not in aligner.names]
+            if missing:
+                raise StoreError(f"the aligner has no map for {missing[:3]}")
         comp_names = self.names if components is None else list(components)
         comp_cols = self.columns_for(comp_names)
         if teacher and not self.has_teacher:
@@ -402,6 +414,11 @@ class Store:
                 continue
             t = pa.Table.from_batches([rb])
             contrib = np.stack([arrow_to_vectors(t.column(c), dtype) for c in comp_cols], 1)
+            if aligner is not None:
+                sel = [aligner.names.index(c) for c in comp_names]
+                sub = type(aligner)([aligner.names[i] for i in sel], aligner.maps[sel],
+                                    aligner.bias * len(sel) / len(aligner.names), aligner.meta)
+                contrib = sub.apply(contrib).astype(dtype)
             yield StoreBatch(ids=t.column("image_id").to_pylist(), names=comp_names, contributions=contrib,
                              readout=arrow_to_vectors(t.column("readout"), dtype),
                              teacher=arrow_to_vectors(t.column("teacher"), dtype) if teacher else None,

@@ -175,3 +175,15 @@ def load_metadata(out_dir: str, split: Optional[str] = None):
 
         t = t.filter(pc.equal(t.column("split"), split))
     return t
+
+
+def vocabulary_pool() -> list[str]:
+    """Descriptions built from the world's own vocabulary (the demo's TextSpan pool)."""
+    colors = list(dict.fromkeys(name for _, name in COLOR_NAMES))
+    scenes = [s for fam in SCENES.values() for s in fam]
+    out = [f"a {c} {s}" for c in colors for s in SHAPES]
+    out += [f"a {t} {s}" for t in TEXTURES if t != "plain" for s in SHAPES]
+    out += [f"a {z} {s}" for z in SIZES for s in SHAPES]
+    out += [f"a shape on {sc}" for sc in scenes] + [f"{c} color" for c in colors]
+    out += [f"{t} texture" for t in TEXTURES] + ["water", "land", "a warm color", "a cool color"]
+    return list(dict.fromkeys(out))

@@ -1,0 +1,64 @@
+"""CompAlign recovers known orthogonal maps, is reproducible, and its artefacts round-trip safely."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitdecomp.compalign import AlignConfig, Aligner, fit, in_validation, ortho_penalty
+
+
+def synthetic(seed=0, n=3000, K=3, d=6, d_t=6):
+    rng = np.random.default_rng(seed)
+    Q = np.stack([np.linalg.qr(rng.normal(size=(d_t, d)))[0] for _ in range(K)])   # known orthogonal maps
+    c = rng.normal(size=(n, K, d)).astype(np.float32)
+    z = np.einsum("kod,bkd->bo", Q, c)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    ids = [f"img{i}" for i in range(n)]
+    return Q, c, z.astype(np.float32), ids
+
+
+def source(c, z, ids, frac=0.1, chunk=500):
+    val = np.array([in_validation(i, frac) for i in ids])
+
+    def batches(split):
+        mask = val if split == "val" else ~val
+        for s in range(0, len(c), chunk):
+            m = mask[s:s + chunk]
+            yield c[s:s + chunk][m], z[s:s + chunk][m]
+    return batches
+
+
+def test_recovers_planted_orthogonal_maps_and_is_reproducible():
+    Q, c, z, ids = synthetic()
+    cfg = AlignConfig(lr=3e-3, max_epochs=15, batch_size=32, lam=1.0)
+    a1, m1 = fit(source(c, z, ids), ["a", "b", "c"], 6, 6, cfg, progress=False)
+    assert m1["best_val_cosine"] >= 0.99, m1["history"]
+    # the maps are the planted ones up to one common positive scale (cosine is scale-free)
+    A = a1.maps.numpy()
+    scale = np.sum(A * Q) / np.sum(Q * Q)
+    assert scale > 0 and np.abs(A / scale - Q).max() < 0.15
+    a2, m2 = fit(source(c, z, ids), ["a", "b", "c"], 6, 6, cfg, progress=False)
+    assert torch.equal(a1.maps, a2.maps) and m1["history"] == m2["history"]
+
+
+def test_artefact_round_trip_without_pickle(tmp_path):
+    Q, c, z, ids = synthetic(n=400)
+    a, _ = fit(source(c, z, ids), ["a", "b", "c"], 6, 6, AlignConfig(max_epochs=2), progress=False)
+    a.meta["model"] = {"name": "timm:x"}
+    a.save(str(tmp_path / "align"))
+    assert (tmp_path / "align.safetensors").exists() and (tmp_path / "align.json").exists()
+    b = Aligner.load(str(tmp_path / "align.safetensors"))
+    assert b.names == ["a", "b", "c"] and torch.equal(a.maps, b.maps) and b.meta["model"]["name"] == "timm:x"
+    out = b.apply(c[:5])
+    np.testing.assert_allclose(out.sum(1), np.einsum("kod,bkd->bo", b.maps.numpy(), c[:5]) + b.bias.numpy(),
+                               atol=1e-5)
+
+
+def test_orthogonality_forms_and_split():
+    maps = torch.randn(4, 5, 7)
+    assert torch.allclose(ortho_penalty(maps, "paper"), ortho_penalty(maps, "code"))
+    q = torch.linalg.qr(torch.randn(5, 5))[0]
+    assert float(ortho_penalty(q[None], "paper")) < 1e-10
+    frac = np.mean([in_validation(f"x{i}", 0.2) for i in range(5000)])
+    assert 0.17 < frac < 0.23 and in_validation("x1", 0.2) == in_validation("x1", 0.2)

@@ -1,0 +1,89 @@
+"""The fit job on real stores (tiny random-init toy models): TextSpan from distributed moments,
+CompAlign from the teacher column, and the errors users hit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vitdecomp as vd
+from jobutil import make_images
+from vitdecomp.decompose_job import DecomposeConfig, run
+from vitdecomp.errors import InputError
+from vitdecomp.fit_job import CompAlignJob, TextSpanJob, run_compalign, run_textspan
+from vitdecomp.text import encode_texts, read_pool
+from vitdecomp.textspan import Moments, textspan_one
+from vitdecomp.toyworld.registry import TOY_CLIP, TOY_VIT
+
+
+@pytest.fixture(scope="module")
+def stores(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fitimgs")
+    make_images(root, n=40, corrupt=False)
+    out = tmp_path_factory.mktemp("fitstores")
+    common = dict(input=str(root), batch_size=16, commit_every=16, dtype="fp32")
+    run(DecomposeConfig(output=str(out / "clip"), model=TOY_CLIP, **common))
+    run(DecomposeConfig(output=str(out / "vit"), model=TOY_VIT, teacher=TOY_CLIP, **common))
+    run(DecomposeConfig(output=str(out / "plain"), model=TOY_VIT, **common))
+    return {k: str(out / k) for k in ("clip", "vit", "plain")}
+
+
+@pytest.fixture()
+def pool(tmp_path):
+    p = tmp_path / "pool.txt"
+    p.write_text("a red circle\n\na blue square\na red circle\na green cross\na shape on ocean\na striped triangle\n")
+    return str(p)
+
+
+def test_pool_file_drops_blanks_and_duplicates(pool, tmp_path):
+    assert read_pool(pool) == ["a red circle", "a blue square", "a green cross", "a shape on ocean",
+                               "a striped triangle"]
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(InputError, match="empty"):
+        read_pool(str(tmp_path / "empty.txt"))
+    assert len(read_pool(None)) > 2000
+
+
+def test_textspan_on_a_clip_store_equals_in_memory(stores, pool, tmp_path):
+    out = tmp_path / "ts"
+    r = run_textspan(TextSpanJob(store=stores["clip"], out=str(out), pool=pool, texts_per_head=3, rank=16,
+                                 last_layers=2, cache_dir=str(tmp_path / "cache")))
+    table = r["table"]
+    assert (out / "textspan.parquet").exists() and (out / "textspan.txt").exists()
+    st = vd.open_store(stores["clip"])
+    heads = [c.name for c in st.components if c.kind == "head" and c.block >= 2]
+    assert sorted(set(table.column("component").to_pylist())) == sorted(heads)
+    # the same algorithm on moments computed in memory from iter_batches
+    torch_seeded = vd.load_model(TOY_CLIP)
+    texts = encode_texts(torch_seeded, read_pool(pool), cache_dir=str(tmp_path / "cache"))
+    X = np.concatenate([b.contributions for b in st.iter_batches(components=heads[:1], dtype=np.float64)])
+    mo = Moments.of(X)
+    res = textspan_one(mo.n, mo.mean[0], mo.xtx[0], texts, m=3, rank=16)
+    got = [r["text_index"] for r in table.to_pylist() if r["component"] == heads[0]]
+    assert got == res.picks
+
+
+def test_compalign_from_store_and_textspan_through_the_aligner(stores, pool, tmp_path):
+    art = str(tmp_path / "align")
+    metrics = run_compalign(CompAlignJob(store=stores["vit"], out=art, max_epochs=2, lr=1e-3))
+    assert len(metrics["history"]) == 2 and np.isfinite(metrics["best_val_cosine"])
+    aligner = vd.compalign.Aligner.load(art)
+    st = vd.open_store(stores["vit"])
+    b = next(st.iter_batches(aligner=aligner, batch_size=8))
+    assert b.contributions.shape == (8, len(st.names), 64)
+    r = run_textspan(TextSpanJob(store=stores["vit"], out=str(tmp_path / "ts"), pool=pool, aligner=art,
+                                 texts_per_head=2, rank=8, cache_dir=str(tmp_path / "cache"), distributed=False))
+    assert r["table"].num_rows == 2 * 16              # 2 texts x 4 heads x the last 4 blocks (the default)
+    with pytest.raises(InputError, match="not for this store"):
+        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "x"), pool=pool, aligner=art))
+
+
+def test_fit_errors_say_how_to_fix(stores, pool, tmp_path):
+    with pytest.raises(InputError, match="--teacher"):
+        run_compalign(CompAlignJob(store=stores["plain"], out=str(tmp_path / "a")))
+    with pytest.raises(InputError, match="--aligner"):
+        run_textspan(TextSpanJob(store=stores["plain"], out=str(tmp_path / "b"), pool=pool))
+    with pytest.raises(InputError, match="same model"):
+        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "c"), pool=pool, clip="open_clip:ViT-S-16"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(InputError, match="empty"):
+        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "d"), pool=str(tmp_path / "empty.txt")))

@@ -1,0 +1,183 @@
+"""TextSpan from streamed moments (SPEC §5), exactly.
+
+For one component with contributions ``X [N, d]`` (in CLIP space) and unit text embeddings
+``T [P, d]``, the greedy algorithm only needs ``n``, ``μ = mean(X)`` and ``S = XᵀX``:
+
+1. ``V`` = top-``r`` right singular vectors of the uncentred ``X`` = top-``r`` eigenvectors of ``S``;
+   every text is projected onto ``span(V)`` (``t ← VVᵀt``, not renormalised);
+2. ``Σ = CᵀC`` with ``C = X − 1μᵀ`` (``Σ = S − nμμᵀ``); ``m`` times: score each text by the standard
+   deviation over images of ``C·t`` — ``sqrt(tᵀΣt / (n − 1))`` — pick the best, and remove its
+   direction ``u = t/‖t‖`` from the data (``Σ ← (I−uuᵀ)Σ(I−uuᵀ)``) and from every text
+   (``t ← t − (t·u)u``);
+3. variance explained after each pick = ``1 − tr Σ_k / tr Σ_0``; the reconstruction is
+   ``R = μ + (X − μ)QQᵀ`` with ``Q`` the orthonormalised picks (the successive ``u``).
+
+Moments are computed in one distributed pass over the store and merged (they add), so the corpus
+never has to fit in memory; a CompAlign map ``A`` acts exactly on them (``μ ↦ Aμ``, ``S ↦ ASAᵀ``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Moments:
+    """Mergeable first and second moments of ``K`` components: ``n``, ``sum [K, d]``, ``xtx [K, d, d]``."""
+
+    n: int
+    sum: np.ndarray
+    xtx: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "Moments":
+        """From a batch ``x [b, K, d]``."""
+        x = np.asarray(x, np.float64)
+        return cls(x.shape[0], x.sum(0), np.einsum("bki,bkj->kij", x, x))
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.n + other.n, self.sum + other.sum, self.xtx + other.xtx)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.n
+
+    def covariance_sum(self) -> np.ndarray:
+        """``CᵀC = S − n μμᵀ`` per component ``[K, d, d]``."""
+        mu = self.mean
+        return self.xtx - self.n * np.einsum("ki,kj->kij", mu, mu)
+
+    def aligned(self, maps: np.ndarray) -> "Moments":
+        """Moments of ``x ↦ A_k x`` for per-component maps ``maps [K, d', d]``."""
+        return Moments(self.n, np.einsum("kod,kd->ko", maps, self.sum),
+                       np.einsum("koi,kij,kpj->kop", maps, self.xtx, maps))
+
+    def affine(self, maps: np.ndarray, shift: np.ndarray) -> "Moments":
+        """Moments of ``x ↦ A_k x + s`` (a CompAlign map with its bias share ``s [d']``)."""
+        a = self.aligned(maps)
+        outer = np.einsum("ki,j->kij", a.sum, shift)
+        return Moments(self.n, a.sum + self.n * shift, a.xtx + outer + outer.transpose(0, 2, 1) +
+                       self.n * np.outer(shift, shift)[None])
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, n=np.array(self.n), sum=self.sum, xtx=self.xtx)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> "Moments":
+        import io
+
+        z = np.load(io.BytesIO(b))
+        return cls(int(z["n"]), z["sum"], z["xtx"])
+
+
+def moments_from_store(store, components: Sequence[str], *, distributed: bool = True,
+                       batch_size: int = 1024) -> Moments:
+    """One pass over the store: per-block moments of ``components`` (model space), merged."""
+    cols = store.columns_for(components)
+    if not distributed:
+        total = None
+        for b in store.iter_batches(components=components, batch_size=batch_size, dtype=np.float64):
+            m = Moments.of(b.contributions)
+            total = m if total is None else total + m
+        if total is None:
+            raise InputError(f"{store.uri} holds no rows")
+        return total
+    import pyarrow as pa
+
+    from .storage import arrow_to_vectors
+
+    def block_moments(t: pa.Table) -> pa.Table:
+        x = np.stack([arrow_to_vectors(t.column(c), np.float64) for c in cols], 1)
+        return pa.table({"m": pa.array([Moments.of(x).to_bytes()], pa.large_binary())})
+
+    ds = store.to_ray(columns=cols).map_batches(block_moments, batch_format="pyarrow", batch_size=batch_size)
+    total = None
+    for row in ds.iter_rows():
+        m = Moments.from_bytes(row["m"])
+        total = m if total is None else total + m
+    if total is None:
+        raise InputError(f"{store.uri} holds no rows")
+    return total
+
+
+@dataclass
+class SpanResult:
+    picks: list[int]                 # indices into the pool, in order
+    variance_explained: list[float]  # cumulative, after each pick
+    basis: np.ndarray                # [m, d] orthonormal picked directions (Q^T)
+    mean: np.ndarray                 # [d]
+
+
+def textspan_one(n: int, mean: np.ndarray, xtx: np.ndarray, texts: np.ndarray, m: int = 10,
+                 rank: int = 80) -> SpanResult:
+    """The greedy algorithm of the module docstring for one component (float64 throughout)."""
+    if n < 2:
+        raise InputError("TextSpan needs at least two images")
+    d = mean.shape[0]
+    r = min(rank, d)
+    w, v = np.linalg.eigh(xtx)
+    V = v[:, np.argsort(w)[::-1][:r]]                              # top-r right singular vectors of X
+    T = (np.asarray(texts, np.float64) @ V) @ V.T                  # project onto span(V)
+    cov = xtx - n * np.outer(mean, mean)                           # CᵀC
+    total = float(np.trace(cov))
+    picks, ve, basis = [], [], []
+    for _ in range(min(m, len(T))):
+        score = np.einsum("pi,ij,pj->p", T, cov, T)
+        best = int(np.argmax(score))
+        t = T[best]
+        norm = np.linalg.norm(t)
+        if norm < 1e-12:
+            break
+        u = t / norm
+        P = np.eye(d) - np.outer(u, u)
+        cov = P @ cov @ P
+        T = T - np.outer(T @ u, u)
+        picks.append(best)
+        basis.append(u)
+        ve.append(1.0 - float(np.trace(cov)) / total if total > 0 else 0.0)
+    return SpanResult(picks, ve, np.array(basis).reshape(len(basis), d), mean)
+
+
+def textspan(moments: Moments, names: Sequence[str], texts: np.ndarray, pool: Sequence[str], m: int = 10,
+             rank: int = 80):
+    """TextSpan for every component of ``moments``; returns (pyarrow table, {name: SpanResult})."""
+    import pyarrow as pa
+
+    if texts.shape[0] != len(pool):
+        raise InputError("text embeddings and pool differ in length")
+    if texts.shape[1] != moments.sum.shape[1]:
+        raise InputError(f"text embeddings have d={texts.shape[1]} but the contributions have d={moments.sum.shape[1]}:"
+                         " the pool was encoded with another model's text tower, or the store needs a CompAlign "
+                         "aligner (--aligner) to map it into the CLIP space")
+    rows, results = [], {}
+    for k, name in enumerate(names):
+        res = textspan_one(moments.n, moments.mean[k], moments.xtx[k], texts, m=m, rank=rank)
+        results[name] = res
+        prev = 0.0
+        for rank_i, (p, cum) in enumerate(zip(res.picks, res.variance_explained)):
+            rows.append({"component": name, "rank": rank_i, "text": pool[p], "text_index": p,
+                         "variance_explained": cum - prev, "cumulative": cum})
+            prev = cum
+    return pa.Table.from_pylist(rows), results
+
+
+def report(table, title: str = "TextSpan") -> str:
+    lines = [title, "=" * len(title)]
+    current = None
+    for r in table.to_pylist():
+        if r["component"] != current:
+            current = r["component"]
+            lines.append(f"\n{current}")
+        lines.append(f"  {r['rank'] + 1:2d}. {r['text']:<40s} +{r['variance_explained']:.3f}  (cum {r['cumulative']:.3f})")
+    return "\n".join(lines) + "\n"
