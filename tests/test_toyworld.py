@@ -71,7 +71,7 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
 
     s = run(str(tmp_path), small=True)
     out = capsys.readouterr().out
-    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "not in this demo yet"):
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5 fit", "not in this demo yet"):
         assert stage in out
     assert os.path.exists(s["metadata"])
     for k in ("classifier", "clip"):
@@ -88,6 +88,13 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
     b = next(clf.iter_batches(batch_size=8, teacher=True))
     np.testing.assert_allclose(b.contributions.sum(1), b.readout, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(b.teacher, axis=1), 1.0, atol=1e-5)
+    fits = s["fits"]
+    assert os.path.exists(fits["aligner"] + ".safetensors") and os.path.exists(fits["aligner"] + ".json")
+    import pyarrow.parquet as pq
+
+    for k, st in (("textspan_clip", clip), ("textspan_classifier", clf)):
+        t = pq.read_table(os.path.join(fits[k], "textspan.parquet"))
+        assert t.num_rows == 16 * 5 and set(t.column("component").to_pylist()) <= set(st.names)
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
     assert 0.0 <= summary["classifier_groups"]["worst_group"] <= 1.0 and set(summary["clip_zero_shot"]) >= {"shape"}
 
