@@ -124,6 +124,9 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
 
     history, best, best_state, stale = [], -np.inf, None, 0
     t0 = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_epochs, desc="CompAlign", unit="epoch", disable=not progress)
     for epoch in range(cfg.max_epochs):
         tr_cos, tr_n = 0.0, 0
         for c, z in batches("train"):
@@ -141,6 +144,8 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
                 tr_n += len(idx)
         val = evaluate("val")
         history.append({"epoch": epoch + 1, "train_cosine": tr_cos / max(tr_n, 1), "val_cosine": val})
+        bar.update(1)
+        bar.set_postfix(train_cos=f"{tr_cos / max(tr_n, 1):.4f}", val_cos=f"{val:.4f}")
         if progress:
             log.info("CompAlign epoch %d/%d train cos %.4f val cos %.4f (%.0f s)", epoch + 1, cfg.max_epochs,
                      tr_cos / max(tr_n, 1), val, time.time() - t0)
@@ -151,6 +156,7 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
             stale += 1
             if stale >= cfg.patience:
                 break
+    bar.close()
     if best_state is None:
         raise InputError("CompAlign saw no validation data; lower --val-fraction's denominator or add images")
     metrics = {"history": history, "best_val_cosine": best, "epochs": len(history), "config": asdict(cfg)}

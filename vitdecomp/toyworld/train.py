@@ -144,13 +144,16 @@ def _save(model: torch.nn.Module, path: str) -> None:
     os.replace(tmp, path)                      # a cut-off training never leaves a half-written file
 
 
-def ensure_models(world_dir: str, world_key: str, cache_dir: str, cfg: TrainConfig = TrainConfig()) -> dict:
+def ensure_models(world_dir: str, world_key: str, cache_dir: str, cfg: TrainConfig = TrainConfig(),
+                  only: tuple = ("classifier", "clip")) -> dict:
     """Train the two tiny models unless a checkpoint for this (world, training config, code version)
     is cached; return their checkpoint paths and training reports."""
     key = hashlib.sha256(json.dumps({"world": world_key, "train": asdict(cfg), "v": TRAIN_VERSION},
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = {}
     for name, fn, file in ((TOY_VIT, train_classifier, "classifier"), (TOY_CLIP, train_clip, "clip")):
+        if file not in only:
+            continue
         path = os.path.join(cache_dir, f"{file}-{key}.safetensors")
         report_path = path.replace(".safetensors", ".json")
         if os.path.exists(path) and os.path.exists(report_path):
