@@ -21,7 +21,7 @@ def stores(ray_local, tmp_path_factory):
     make_images(root, n=40, corrupt=False)
     out = tmp_path_factory.mktemp("fitstores")
     common = dict(input=str(root), batch_size=16, commit_every=16, dtype="fp32")
-    run(DecomposeConfig(output=str(out / "clip"), model=TOY_CLIP, **common))
+    run(DecomposeConfig(output=str(out / "clip"), model=TOY_CLIP, label_from_folder=True, **common))
     run(DecomposeConfig(output=str(out / "vit"), model=TOY_VIT, teacher=TOY_CLIP, **common))
     run(DecomposeConfig(output=str(out / "plain"), model=TOY_VIT, **common))
     return {k: str(out / k) for k in ("clip", "vit", "plain")}
@@ -87,3 +87,38 @@ def test_fit_errors_say_how_to_fix(stores, pool, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(InputError, match="empty"):
         run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "d"), pool=str(tmp_path / "empty.txt")))
+
+
+def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
+    """With as many texts as dimensions the reconstruction is exact, so the evaluated accuracy must
+    equal that of mean-ablating the earlier layers alone (computed here independently)."""
+    big = tmp_path / "big.txt"
+    from vitdecomp.text import default_pool
+
+    big.write_text("\n".join(default_pool()[:200]) + "\n")
+    r = run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev"), pool=str(big), texts_per_head=64,
+                                 rank=64, last_layers=2, label_column="label", class_names=["red", "blue"],
+                                 cache_dir=str(tmp_path / "cache"), distributed=False))
+    ev = r["evaluation"]
+    assert ev["images"] == 40 and ev["classes"] == ["red", "blue"]
+    assert ev["accuracy_reconstructed"] == ev["accuracy_mean_ablated_only"]
+    st = vd.open_store(stores["clip"])
+    assert ev["mean_ablated_components"] == ["embed"] + [c.name for c in st.components
+                                                         if c.block is not None and c.block < 2]
+    # independent: mean-ablate embed and blocks 0-1, zero-shot with the class texts
+    clip = vd.load_model(TOY_CLIP)
+    T = encode_texts(clip, ["red", "blue"], cache_dir=str(tmp_path / "cache"))
+    bs = list(st.iter_batches(batch_size=100, columns=["label"], dtype=np.float64))
+    full = np.concatenate([b.contributions for b in bs])
+    c = full.copy()
+    idx = [k for k, n in enumerate(st.names) if n in ev["mean_ablated_components"]]
+    c[:, idx] = full[:, idx].mean(0)
+    pred = (c.sum(1) @ T.T).argmax(-1)
+    y = [["red", "blue"].index(v) for b in bs for v in b.columns["label"].to_pylist()]
+    assert abs(ev["accuracy_mean_ablated_only"] - np.mean(pred == np.array(y))) < 1e-12
+    r2 = run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev2"), pool=pool, texts_per_head=2,
+                                  rank=8, last_layers=2, label_column="label", cache_dir=str(tmp_path / "cache"),
+                                  distributed=False))
+    assert 0.0 <= r2["evaluation"]["accuracy_reconstructed"] <= 1.0
+    with pytest.raises(InputError, match="label-column"):
+        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev3"), pool=pool, label_column="nope"))

@@ -48,6 +48,8 @@ class TextSpanJob:
     clip_checkpoint: Optional[str] = None
     cache_dir: Optional[str] = None
     distributed: bool = True
+    label_column: Optional[str] = None
+    class_names: Optional[list] = None
     s3_endpoint: Optional[str] = None
 
 
@@ -117,7 +119,15 @@ def run_textspan(job: TextSpanJob) -> dict:
         sel = [aligner.names.index(n) for n in names]
         mo = mo.affine(aligner.maps.numpy()[sel].astype(np.float64),
                        aligner.bias.numpy().astype(np.float64) / len(aligner.names))
-    table, _ = textspan(mo, names, texts, pool, m=int(job.texts_per_head), rank=int(job.rank))
+    table, spans = textspan(mo, names, texts, pool, m=int(job.texts_per_head), rank=int(job.rank))
+    evaluation = None
+    if job.label_column:
+        evaluation = reconstruction_accuracy(st, clip, spans, job.label_column, job.class_names, aligner,
+                                             cache_dir=job.cache_dir)
+        print(f"textspan evaluation: zero-shot accuracy {evaluation['accuracy_full']:.4f} with the full model, "
+              f"{evaluation['accuracy_reconstructed']:.4f} with the {len(names)} components replaced by their "
+              f"TextSpan reconstruction and earlier layers mean-ablated "
+              f"({evaluation['accuracy_mean_ablated_only']:.4f} with only the mean-ablation)")
     import pyarrow.parquet as pq
 
     os.makedirs(job.out, exist_ok=True)
@@ -128,10 +138,57 @@ def run_textspan(job: TextSpanJob) -> dict:
     with open(os.path.join(job.out, "textspan.json"), "w") as f:
         json.dump({"store": st.uri, "model": m["model"]["name"], "components": names, "pool": job.pool or "default",
                    "pool_size": len(pool), "texts_per_head": job.texts_per_head, "rank": job.rank,
-                   "aligner": job.aligner, "images": mo.n}, f, indent=2)
+                   "aligner": job.aligner, "images": mo.n, "evaluation": evaluation}, f, indent=2)
     print(text[:2000] + ("…\n" if len(text) > 2000 else ""))
     print(f"textspan: {len(names)} components x {job.texts_per_head} texts -> {job.out}/textspan.parquet, textspan.txt")
-    return {"table": table, "images": mo.n}
+    return {"table": table, "images": mo.n, "evaluation": evaluation, "spans": spans}
+
+
+def reconstruction_accuracy(st, clip, spans: dict, label_column: str, class_names, aligner=None,
+                            cache_dir: Optional[str] = None, batch_size: int = 1024) -> dict:
+    """SPEC §5's evaluation: zero-shot accuracy with every explained component replaced by its
+    TextSpan reconstruction ``μ + (x − μ)QQᵀ`` and every component of earlier blocks (and ``embed``)
+    replaced by its corpus mean, next to the full model's accuracy. Two passes over the store."""
+    from .text import encode_texts
+
+    if label_column not in st._schema().names:
+        raise InputError(f"--label-column {label_column!r} is not a column of {st.uri}")
+    names = aligner.names if aligner is not None else st.names
+    comps = {c.name: c for c in st.components}
+    first = min(comps[n].block for n in spans)
+    ablate = [k for k, n in enumerate(names) if comps[n].kind == "embed" or
+              (comps[n].block is not None and comps[n].block < first)]
+    span_idx = {names.index(n): r for n, r in spans.items()}
+    labels_all = st.read(columns=[label_column]).column(label_column).to_pylist()
+    classes = [str(c) for c in (class_names or sorted({str(v) for v in labels_all if v is not None}))]
+    if len(classes) < 2:
+        raise InputError(f"--label-column {label_column!r} has fewer than two classes")
+    T = encode_texts(clip, classes, cache_dir=cache_dir or os.path.expanduser("~/.cache/vitdecomp/text"))
+    sums, n = None, 0
+    for b in st.iter_batches(components=names, batch_size=batch_size, aligner=aligner, dtype=np.float64):
+        s = b.contributions.sum(0)
+        sums = s if sums is None else sums + s
+        n += len(b.ids)
+    means = sums / n
+    hits = {"full": 0, "recon": 0, "ablated": 0}
+    total = 0
+    for b in st.iter_batches(components=names, batch_size=batch_size, aligner=aligner, dtype=np.float64,
+                             columns=[label_column]):
+        y = [classes.index(str(v)) if str(v) in classes else -1 for v in b.columns[label_column].to_pylist()]
+        c = b.contributions
+        abl = c.copy()
+        abl[:, ablate] = means[ablate]
+        rec = abl.copy()
+        for k, r in span_idx.items():
+            Q = r.basis.T
+            rec[:, k] = r.mean + (c[:, k] - r.mean) @ Q @ Q.T
+        for key, arr in (("full", c), ("recon", rec), ("ablated", abl)):
+            pred = (arr.sum(1) @ T.T).argmax(-1)
+            hits[key] += int(sum(int(p == t) for p, t in zip(pred, y)))
+        total += sum(t >= 0 for t in y)
+    return {"classes": classes, "images": total, "accuracy_full": hits["full"] / total,
+            "accuracy_reconstructed": hits["recon"] / total, "accuracy_mean_ablated_only": hits["ablated"] / total,
+            "mean_ablated_components": [names[k] for k in ablate]}
 
 
 HELP = {
@@ -151,6 +208,9 @@ HELP = {
     "clip_checkpoint": "its local weights file (must match the store's recorded SHA-256)",
     "cache_dir": "text-embedding cache (default ~/.cache/vitdecomp/text)",
     "distributed": "compute the moments with Ray Data (default) or in this process (--no-distributed)",
+    "label_column": "evaluate: zero-shot accuracy with the components replaced by their reconstruction "
+                    "(earlier layers mean-ablated) vs the full model, on this label column",
+    "class_names": "evaluate: the class names in label order (default: the label column's sorted values)",
     "s3_endpoint": "S3-compatible endpoint for s3:// stores",
 }
 
