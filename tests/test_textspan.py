@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vitdecomp.errors import InputError
-from vitdecomp.textspan import Moments, textspan, textspan_one
+from vitdecomp.textspan import Moments, textspan, textspan_batched, textspan_one
 
 
 def direct_textspan(X: np.ndarray, T: np.ndarray, m: int, rank: int):
@@ -86,6 +86,10 @@ def test_table_and_errors():
     assert [r["component"] for r in rows] == ["a"] * 3 + ["b"] * 3
     assert {r["text"] for r in rows[:3]} == {f"text {i}" for i in hidden}
     assert abs(sum(r["variance_explained"] for r in rows[:3]) - rows[2]["cumulative"]) < 1e-12
+    both = textspan_batched(mo.n, mo.mean, mo.xtx, T, m=3, rank=10)
+    for k in range(2):
+        single = textspan_one(mo.n, mo.mean[k], mo.xtx[k], T, m=3, rank=10)
+        assert both[k].picks == single.picks and np.allclose(both[k].basis, single.basis, atol=1e-12)
     with pytest.raises(InputError, match="aligner"):
         textspan(mo, ["a", "b"], T[:, :8], pool)
     with pytest.raises(InputError, match="at least two"):

@@ -119,34 +119,49 @@ class SpanResult:
     mean: np.ndarray                 # [d]
 
 
-def textspan_one(n: int, mean: np.ndarray, xtx: np.ndarray, texts: np.ndarray, m: int = 10,
-                 rank: int = 80) -> SpanResult:
-    """The greedy algorithm of the module docstring for one component (float64 throughout)."""
+def textspan_batched(n: int, means: np.ndarray, xtx: np.ndarray, texts: np.ndarray, m: int = 10,
+                     rank: int = 80) -> list[SpanResult]:
+    """The greedy algorithm of the module docstring for ``K`` components at once (batched over
+    components: one stacked eigendecomposition, stacked scores and deflations; float64)."""
     if n < 2:
         raise InputError("TextSpan needs at least two images")
-    d = mean.shape[0]
+    means, xtx = np.asarray(means, np.float64), np.asarray(xtx, np.float64)
+    K, d = means.shape
     r = min(rank, d)
-    w, v = np.linalg.eigh(xtx)
-    V = v[:, np.argsort(w)[::-1][:r]]                              # top-r right singular vectors of X
-    T = (np.asarray(texts, np.float64) @ V) @ V.T                  # project onto span(V)
-    cov = xtx - n * np.outer(mean, mean)                           # CᵀC
-    total = float(np.trace(cov))
-    picks, ve, basis = [], [], []
-    for _ in range(min(m, len(T))):
-        score = np.einsum("pi,ij,pj->p", T, cov, T)
-        best = int(np.argmax(score))
-        t = T[best]
-        norm = np.linalg.norm(t)
-        if norm < 1e-12:
+    w, v = np.linalg.eigh(xtx)                                           # [K, d], [K, d, d] ascending
+    V = v[:, :, ::-1][:, :, :r]                                          # top-r right singular vectors
+    T = np.einsum("pi,kir,kjr->kpj", np.asarray(texts, np.float64), V, V)  # texts projected, per component
+    cov = xtx - n * np.einsum("ki,kj->kij", means, means)
+    total = np.trace(cov, axis1=1, axis2=2)
+    picks = [[] for _ in range(K)]
+    ve = [[] for _ in range(K)]
+    basis = [[] for _ in range(K)]
+    active = np.ones(K, bool)
+    eye = np.eye(d)
+    for _ in range(min(m, T.shape[1])):
+        score = np.einsum("kpi,kij,kpj->kp", T, cov, T)
+        best = score.argmax(1)
+        t = T[np.arange(K), best]                                        # [K, d]
+        norm = np.linalg.norm(t, axis=1)
+        active &= norm >= 1e-12
+        if not active.any():
             break
-        u = t / norm
-        P = np.eye(d) - np.outer(u, u)
-        cov = P @ cov @ P
-        T = T - np.outer(T @ u, u)
-        picks.append(best)
-        basis.append(u)
-        ve.append(1.0 - float(np.trace(cov)) / total if total > 0 else 0.0)
-    return SpanResult(picks, ve, np.array(basis).reshape(len(basis), d), mean)
+        u = np.where(active[:, None], t / np.maximum(norm, 1e-300)[:, None], 0.0)
+        P = eye[None] - np.einsum("ki,kj->kij", u, u)
+        cov = np.einsum("kij,kjl,klm->kim", P, cov, P)
+        T = T - np.einsum("kp,ki->kpi", np.einsum("kpi,ki->kp", T, u), u)
+        tr = np.trace(cov, axis1=1, axis2=2)
+        for k in np.flatnonzero(active):
+            picks[k].append(int(best[k]))
+            basis[k].append(u[k])
+            ve[k].append(1.0 - float(tr[k]) / float(total[k]) if total[k] > 0 else 0.0)
+    return [SpanResult(picks[k], ve[k], np.array(basis[k]).reshape(len(basis[k]), d), means[k]) for k in range(K)]
+
+
+def textspan_one(n: int, mean: np.ndarray, xtx: np.ndarray, texts: np.ndarray, m: int = 10,
+                 rank: int = 80) -> SpanResult:
+    """TextSpan for one component (see :func:`textspan_batched`)."""
+    return textspan_batched(n, mean[None], xtx[None], texts, m=m, rank=rank)[0]
 
 
 def textspan(moments: Moments, names: Sequence[str], texts: np.ndarray, pool: Sequence[str], m: int = 10,
@@ -161,8 +176,12 @@ def textspan(moments: Moments, names: Sequence[str], texts: np.ndarray, pool: Se
                          " the pool was encoded with another model's text tower, or the store needs a CompAlign "
                          "aligner (--aligner) to map it into the CLIP space")
     rows, results = [], {}
+    batched = []
+    for s0 in range(0, len(names), 16):                  # bounded memory: 16 components per batch
+        batched += textspan_batched(moments.n, moments.mean[s0:s0 + 16], moments.xtx[s0:s0 + 16], texts, m=m,
+                                    rank=rank)
     for k, name in enumerate(names):
-        res = textspan_one(moments.n, moments.mean[k], moments.xtx[k], texts, m=m, rank=rank)
+        res = batched[k]
         results[name] = res
         prev = 0.0
         for rank_i, (p, cum) in enumerate(zip(res.picks, res.variance_explained)):
