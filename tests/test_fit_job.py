@@ -122,3 +122,27 @@ def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
     assert 0.0 <= r2["evaluation"]["accuracy_reconstructed"] <= 1.0
     with pytest.raises(InputError, match="label-column"):
         run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev3"), pool=pool, label_column="nope"))
+
+
+def test_query_compattribute_on_stores(stores, tmp_path):
+    from vitdecomp.query_job import CompAttributeJob, run_compattribute
+
+    props = tmp_path / "props.yaml"
+    props.write_text("redness: [red color, crimson]\nscene: [ocean, forest]\n")
+    r = run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q"), properties=str(props),
+                                           cache_dir=str(tmp_path / "cache")))
+    assert (tmp_path / "q" / "compattribute.parquet").exists() and (tmp_path / "q" / "compattribute.png").exists()
+    assert r["scores"].shape == (len(vd.open_store(stores["clip"]).names), 9)
+    assert np.all(np.abs(r["scores"]) <= 1 + 1e-9)
+    r2 = run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q2"), properties=str(props),
+                                            cache_dir=str(tmp_path / "cache"), distributed=False))
+    np.testing.assert_allclose(r["scores"], r2["scores"], atol=1e-9)     # distributed == in-process
+    art = str(tmp_path / "align")
+    run_compalign(CompAlignJob(store=stores["vit"], out=art, max_epochs=1))
+    r3 = run_compattribute(CompAttributeJob(store=stores["vit"], out=str(tmp_path / "q3"), aligner=art,
+                                            cache_dir=str(tmp_path / "cache")))
+    assert r3["scores"].shape[1] == 7
+    with pytest.raises(InputError, match="--aligner"):
+        run_compattribute(CompAttributeJob(store=stores["plain"], out=str(tmp_path / "q4")))
+    with pytest.raises(InputError, match="unknown component"):
+        run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q5"), components=["embedd"]))

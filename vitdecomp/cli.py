@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, benchmark, decompose_job, demo, fit_job
+    from . import __version__, benchmark, decompose_job, demo, fit_job, query_job
 
     p = argparse.ArgumentParser(prog="vitdecomp", description="Exact per-component decomposition of vision models "
                                 "over whole datasets: decompose, fit, query.")
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     decompose_job.add_parser(sub)
     fit_job.add_parser(sub)
+    query_job.add_parser(sub)
     benchmark.add_parser(sub)
     return p
 

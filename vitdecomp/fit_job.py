@@ -70,6 +70,34 @@ def run_compalign(job: CompAlignJob) -> dict:
     return metrics
 
 
+def resolve_text_model(st, aligner, clip: Optional[str], clip_pretrained: Optional[str],
+                       clip_checkpoint: Optional[str], what: str):
+    """The open_clip model whose text tower shares the contributions' CLIP space (store or aligner teacher)."""
+    import vitdecomp as vd
+
+    from .compalign import check_compatible
+
+    m = st.manifest
+    is_clip = m["model"]["readout"]["space"] == "clip" and m["model"]["name"].startswith("open_clip:")
+    if aligner is not None:
+        check_compatible(aligner, st)
+    if not is_clip and aligner is None:
+        raise InputError(f"{st.uri} holds {m['model']['name']}, not an open_clip CLIP: {what} needs its "
+                         "contributions in a CLIP space — fit an aligner with `vitdecomp fit compalign` and pass --aligner")
+    space = (aligner.meta.get("teacher") or {}).get("name") if aligner else m["model"]["name"]
+    clip_name = clip or space
+    if clip_name != space:
+        raise InputError(f"the text model {clip_name} is not the CLIP space of these contributions ({space}); "
+                         "texts must be encoded by the same model")
+    weights = (aligner.meta.get("teacher") if aligner else m["model"]) or {}
+    lm = vd.load_model(clip_name, pretrained=clip_pretrained or weights.get("pretrained") or False,
+                       checkpoint=clip_checkpoint)
+    want_sha = weights.get("checkpoint_sha256")
+    if want_sha and lm.checkpoint_sha256 != want_sha:
+        raise InputError(f"--clip-checkpoint must be the checkpoint the store was made with (SHA-256 {want_sha[:12]}…)")
+    return lm
+
+
 def default_components(store, last_layers: int) -> list[str]:
     heads = [c for c in store.components if c.kind == "head"]
     if not heads:
@@ -80,9 +108,7 @@ def default_components(store, last_layers: int) -> list[str]:
 
 
 def run_textspan(job: TextSpanJob) -> dict:
-    import vitdecomp as vd
-
-    from .compalign import Aligner, check_compatible
+    from .compalign import Aligner
     from .storage import open_store
     from .text import encode_texts, read_pool
     from .textspan import moments_from_store, report, textspan
@@ -91,24 +117,8 @@ def run_textspan(job: TextSpanJob) -> dict:
         raise InputError("--store and --out are required")
     st = open_store(job.store, s3_endpoint=job.s3_endpoint)
     m = st.manifest
-    is_clip = m["model"]["readout"]["space"] == "clip" and m["model"]["name"].startswith("open_clip:")
     aligner = Aligner.load(job.aligner) if job.aligner else None
-    if aligner is not None:
-        check_compatible(aligner, st)
-    if not is_clip and aligner is None:
-        raise InputError(f"{st.uri} holds {m['model']['name']}, not an open_clip CLIP: TextSpan needs its "
-                         "contributions in a CLIP space — fit an aligner with `vitdecomp fit compalign` and pass --aligner")
-    space = (aligner.meta.get("teacher") or {}).get("name") if aligner else m["model"]["name"]
-    clip_name = job.clip or space
-    if clip_name != space:
-        raise InputError(f"the text model {clip_name} is not the CLIP space of these contributions ({space}); "
-                         "texts must be encoded by the same model")
-    weights = (aligner.meta.get("teacher") if aligner else m["model"]) or {}
-    clip = vd.load_model(clip_name, pretrained=job.clip_pretrained or weights.get("pretrained") or False,
-                         checkpoint=job.clip_checkpoint)
-    want_sha = weights.get("checkpoint_sha256")
-    if want_sha and clip.checkpoint_sha256 != want_sha:
-        raise InputError(f"--clip-checkpoint must be the checkpoint the store was made with (SHA-256 {want_sha[:12]}…)")
+    clip = resolve_text_model(st, aligner, job.clip, job.clip_pretrained, job.clip_checkpoint, what="TextSpan")
     names = list(job.components) if job.components else default_components(st, int(job.last_layers))
     pool = read_pool(job.pool)
     t0 = time.time()
