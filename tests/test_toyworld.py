@@ -71,7 +71,7 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
 
     s = run(str(tmp_path), small=True)
     out = capsys.readouterr().out
-    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5 fit", "not in this demo yet"):
+    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6 fit", "6/6 query", "not in this demo yet"):
         assert stage in out
     assert os.path.exists(s["metadata"])
     for k in ("classifier", "clip"):
@@ -95,6 +95,10 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
     for k, st in (("textspan_clip", clip), ("textspan_classifier", clf)):
         t = pq.read_table(os.path.join(fits[k], "textspan.parquet"))
         assert t.num_rows == 16 * 5 and set(t.column("component").to_pylist()) <= set(st.names)
+    for k in ("compattribute_clip", "compattribute_classifier"):
+        t = pq.read_table(os.path.join(fits[k], "compattribute.parquet"))
+        assert "world background" in set(t.column("property").to_pylist())
+        assert os.path.exists(os.path.join(fits[k], "compattribute.png"))
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
     assert 0.0 <= summary["classifier_groups"]["worst_group"] <= 1.0 and set(summary["clip_zero_shot"]) >= {"shape"}
 

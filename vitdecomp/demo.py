@@ -17,7 +17,7 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
-MISSING_STAGES = ("query (CompAttribute, retrieval, ablation, spurious mitigation, heatmaps, HTML report)",)
+MISSING_STAGES = ("query: retrieval, ablation curves, spurious mitigation, token heatmaps, HTML report",)
 
 
 def example_image(size: int = 224):
@@ -64,18 +64,18 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         world_cfg, train_cfg = WorldConfig(seed=seed), TrainConfig(seed=seed)
     stage = _Stages()
 
-    with stage("1/5 generate the toy world"):
+    with stage("1/6 generate the toy world"):
         world = os.path.join(workdir, f"world-{world_cfg.key()}")
         meta = generate(world, world_cfg)
         print(f"    {world_cfg.n_train}/{world_cfg.n_val}/{world_cfg.n_test} train/val/test images in {world}")
 
-    with stage("2/5 train or load the tiny classifier and tiny CLIP"):
+    with stage("2/6 train or load the tiny classifier and tiny CLIP"):
         models = ensure_models(world, world_cfg.key(), os.path.join(workdir, "cache"), train_cfg)
         for k, v in models.items():
             how = "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s"
             print(f"    {k}: {v['checkpoint']} ({how})")
 
-    with stage("3/5 planted-truth accuracies (test split)"):
+    with stage("3/6 planted-truth accuracies (test split)"):
         clf = vd.load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
         clip = vd.load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
         groups = group_accuracy(clf, world)
@@ -85,7 +85,7 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         print(f"    tiny CLIP zero-shot accuracy per attribute: {json.dumps({a: round(v, 3) for a, v in zs.items()})}")
 
     stores = {}
-    with stage("4/5 decompose both models over the world (local Ray, Lance)"):
+    with stage("4/6 decompose both models over the world (local Ray, Lance)"):
         common = dict(input=meta, uri_column="uri", id_column="image_id", batch_size=64, commit_every=512,
                       num_cpus=num_cpus, dtype="fp32")
         stores["classifier"] = os.path.join(workdir, "stores", "classifier")
@@ -99,7 +99,7 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
             print(f"    {name}: {st.count()} rows x {len(st.names)} components (d={st.manifest['d']}) in {uri}")
 
     fits = {}
-    with stage("5/5 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
+    with stage("5/6 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
         from .fit_job import CompAlignJob, TextSpanJob, run_compalign, run_textspan
         from .toyworld.generate import vocabulary_pool
 
@@ -115,6 +115,25 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
             run_textspan(TextSpanJob(store=stores[name], out=out, pool=pool_path, texts_per_head=5, rank=32,
                                      clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
             fits[f"textspan_{name}"] = out
+    with stage("6/6 query: CompAttribute of both models against the world's properties"):
+        import yaml
+
+        from .query_job import CompAttributeJob, run_compattribute
+
+        props_path = os.path.join(workdir, "world-properties.yaml")
+        with open(props_path, "w") as f:
+            yaml.safe_dump({"world color": ["red color", "yellow color", "green color", "cyan color", "blue color",
+                                            "pink color"],
+                            "world background": ["a shape on ocean", "a shape on lake", "a shape on forest",
+                                                 "a shape on desert"],
+                            "world shape": ["a circle", "a square", "a triangle", "a cross"],
+                            "world texture": ["a striped shape", "a dotted shape", "a plain shape"]}, f)
+        cache = os.path.join(workdir, "cache", "text")
+        for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
+            out = os.path.join(workdir, "query", f"compattribute-{name}")
+            run_compattribute(CompAttributeJob(store=stores[name], out=out, properties=props_path,
+                                               clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
+            fits[f"compattribute_{name}"] = out
         print("    not in this demo yet: " + "; ".join(MISSING_STAGES))
 
     summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores, "fits": fits,
