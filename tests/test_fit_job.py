@@ -146,3 +146,13 @@ def test_query_compattribute_on_stores(stores, tmp_path):
         run_compattribute(CompAttributeJob(store=stores["plain"], out=str(tmp_path / "q4")))
     with pytest.raises(InputError, match="unknown component"):
         run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q5"), components=["embedd"]))
+
+
+def test_list_options_parse_as_lists():
+    from vitdecomp.cli import build_parser
+    from vitdecomp.decompose_job import config_from_args
+
+    a = build_parser().parse_args(["fit", "textspan", "--store", "s", "--out", "o", "--components",
+                                   "blocks.1.attn.head.0", "blocks.2.attn.head.1", "--class-names", "a", "b"])
+    c = config_from_args(a, TextSpanJob)
+    assert c.components == ["blocks.1.attn.head.0", "blocks.2.attn.head.1"] and c.class_names == ["a", "b"]

@@ -471,7 +471,7 @@ def add_config_arguments(p: argparse.ArgumentParser, cls, helps: dict) -> None:
         h = helps.get(f.name, "")
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name == "columns":
+        elif "list" in str(f.type):
             p.add_argument(flag, dest=f.name, nargs="+", default=None, help=h)
         elif f.type in ("int", "Optional[int]"):
             p.add_argument(flag, dest=f.name, type=int, default=None, help=h)
