@@ -156,3 +156,22 @@ def test_list_options_parse_as_lists():
                                    "blocks.1.attn.head.0", "blocks.2.attn.head.1", "--class-names", "a", "b"])
     c = config_from_args(a, TextSpanJob)
     assert c.components == ["blocks.1.attn.head.0", "blocks.2.attn.head.1"] and c.class_names == ["a", "b"]
+
+
+def test_query_retrieve_ranks_by_the_top_components_projection(stores, tmp_path):
+    from vitdecomp.query_job import RetrieveJob, run_retrieve
+
+    r = run_retrieve(RetrieveJob(store=stores["clip"], out=str(tmp_path / "r"), property="color",
+                                 text="a red circle", top_components=3, top_images=5,
+                                 cache_dir=str(tmp_path / "cache")))
+    t = r["table"].to_pylist()
+    assert len(t) == 5 and [x["score"] for x in t] == sorted([x["score"] for x in t], reverse=True)
+    assert (tmp_path / "r" / "retrieval.png").exists() and (tmp_path / "r" / "retrieval.parquet").exists()
+    # independent check of the best score: Σ of the 3 components · the probe text
+    st = vd.open_store(stores["clip"])
+    clip = vd.load_model(TOY_CLIP)
+    probe = encode_texts(clip, ["a red circle"], cache_dir=str(tmp_path / "cache"))[0]
+    b = list(st.iter_batches(components=r["components"], ids=[t[0]["image_id"]]))[0]
+    assert abs(float(b.contributions.sum(1)[0] @ probe) - t[0]["score"]) < 1e-4
+    with pytest.raises(InputError, match="unknown property"):
+        run_retrieve(RetrieveJob(store=stores["clip"], out=str(tmp_path / "x"), property="colour", text="red"))

@@ -60,6 +60,95 @@ def run_compattribute(job: CompAttributeJob) -> dict:
     return {"table": table, "scores": sc, "names": names, "properties": list(props)}
 
 
+@dataclass
+class RetrieveJob:
+    store: str = ""
+    out: str = ""
+    property: str = ""
+    text: str = ""
+    top_components: int = 5
+    top_images: int = 16
+    properties: Optional[str] = None
+    aligner: Optional[str] = None
+    clip: Optional[str] = None
+    clip_pretrained: Optional[str] = None
+    clip_checkpoint: Optional[str] = None
+    cache_dir: Optional[str] = None
+    s3_endpoint: Optional[str] = None
+
+
+def run_retrieve(job: RetrieveJob) -> dict:
+    """Text-based retrieval by property (SPEC §7): the property's top components by CompAttribute,
+    images ranked by ⟨Σ_{k∈top} f_k(c_k), t⟩ for the probe text; a table and a contact sheet."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .compalign import Aligner
+    from .compattribute import compattribute, read_properties
+    from .fit_job import resolve_text_model
+    from .storage import open_store
+    from .text import encode_texts
+
+    if not (job.store and job.out and job.property and job.text):
+        raise InputError("--store, --out, --property and --text are required")
+    st = open_store(job.store, s3_endpoint=job.s3_endpoint)
+    aligner = Aligner.load(job.aligner) if job.aligner else None
+    clip = resolve_text_model(st, aligner, job.clip, job.clip_pretrained, job.clip_checkpoint, what="retrieval")
+    props = read_properties(job.properties)
+    if job.property not in props:
+        import difflib
+
+        raise InputError(f"unknown property {job.property!r}; known: {sorted(props)} "
+                         f"(close: {difflib.get_close_matches(job.property, list(props))})")
+    cache = job.cache_dir or os.path.expanduser("~/.cache/vitdecomp/text")
+    _, sc, names = compattribute(st, clip, {job.property: props[job.property]}, aligner=aligner,
+                                 distributed=aligner is None, cache_dir=cache)
+    top = [names[i] for i in np.argsort(-sc[:, 0])[:int(job.top_components)]]
+    t = encode_texts(clip, [job.text], cache_dir=cache)[0]
+    ids, uris, scores = [], [], []
+    for b in st.iter_batches(components=top, aligner=aligner, columns=["uri"]):
+        ids += b.ids
+        uris += b.columns["uri"].to_pylist()
+        scores.append(b.contributions.sum(1) @ t)
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    order = np.argsort(-scores)[:int(job.top_images)]
+    table = pa.table({"rank": list(range(len(order))), "image_id": [ids[i] for i in order],
+                      "uri": [uris[i] for i in order], "score": [float(scores[i]) for i in order]})
+    os.makedirs(job.out, exist_ok=True)
+    pq.write_table(table, os.path.join(job.out, "retrieval.parquet"))
+    sheet = contact_sheet(table.column("uri").to_pylist(), os.path.join(job.out, "retrieval.png"))
+    print(f"retrieve: property {job.property!r} via {top}; top {len(order)} images for {job.text!r} -> "
+          f"{job.out}/retrieval.parquet" + (f", {sheet}" if sheet else ""))
+    return {"table": table, "components": top, "scores": scores, "ids": ids}
+
+
+def contact_sheet(uris, path: str, size: int = 96, cols: int = 8) -> Optional[str]:
+    """A grid of the images at ``uris`` (read through the same filesystems as the job); None if none load."""
+    import io
+
+    from PIL import Image
+
+    from .storage import resolve
+
+    tiles = []
+    for u in uris:
+        try:
+            fs, p = resolve(u.split("#", 1)[0])
+            with fs.open_input_file(p) as f:
+                tiles.append(Image.open(io.BytesIO(f.read())).convert("RGB").resize((size, size)))
+        except Exception:  # noqa: BLE001 -- a missing source image leaves a blank tile
+            tiles.append(Image.new("RGB", (size, size), (128, 128, 128)))
+    if not tiles:
+        return None
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % cols) * size, (i // cols) * size))
+    sheet.save(path)
+    return path
+
+
 HELP = {
     "store": "the store written by `vitdecomp decompose`",
     "out": "output directory (compattribute.parquet, compattribute.png, compattribute.json)",
@@ -71,14 +160,21 @@ HELP = {
     "clip_pretrained": "its weights tag", "clip_checkpoint": "its local weights file",
     "cache_dir": "text-embedding cache", "distributed": "sums via Ray Data (default) or in this process",
     "s3_endpoint": "S3-compatible endpoint for s3:// stores",
+    "property": "retrieve: the property whose top components are used", "text": "retrieve: the probe text",
+    "top_components": "retrieve: how many top components of the property (default 5)",
+    "top_images": "retrieve: how many images to return (default 16)",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("query", help="query a store: CompAttribute (more to come)",
-                       description="Corpus-wide queries over a store. Implemented: compattribute.")
+    p = sub.add_parser("query", help="query a store: CompAttribute, text retrieval (more to come)",
+                       description="Corpus-wide queries over a store. Implemented: compattribute, retrieve.")
     qsub = p.add_subparsers(dest="query", required=True)
     c = qsub.add_parser("compattribute", help="score every component against text-described properties",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(c, CompAttributeJob, HELP)
     c.set_defaults(func=lambda ns: run_compattribute(config_from_args(ns, CompAttributeJob)) and None)
+    r = qsub.add_parser("retrieve", help="text-based retrieval by property (top components, probe text)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(r, RetrieveJob, HELP)
+    r.set_defaults(func=lambda ns: run_retrieve(config_from_args(ns, RetrieveJob)) and None)
