@@ -76,7 +76,14 @@ class Forwarder:
     def start(self):
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
+        for _ in range(100):                 # the old listener may take a moment to go away
+            try:
+                srv.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"forwarder could not rebind 127.0.0.1:{self.port}")
         srv.listen(64)
         self._srv = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
@@ -84,6 +91,10 @@ class Forwarder:
     def stop(self):
         srv, self._srv = self._srv, None
         if srv:
+            try:                             # wakes the thread blocked in accept(), releasing the port
+                srv.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             srv.close()
         with self._lock:
             for c in self._conns:
