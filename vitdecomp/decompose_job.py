@@ -455,15 +455,22 @@ HELP = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decompose", help="decompose an image corpus into a Lance/Parquet store",
-                       description="Stream images through a model on a Ray Data actor pool and store every image's "
-                                   "exact per-component contributions. Flags override values from --config.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(p, DecomposeConfig, HELP)
-    p.set_defaults(func=lambda a: run(config_from_args(a, DecomposeConfig)) and None)
+    add_job_parser(sub, "decompose", DecomposeConfig, HELP, run,
+                   help="decompose an image corpus into a Lance/Parquet store",
+                   description="Stream images through a model on a Ray Data actor pool and store every image's "
+                               "exact per-component contributions. Flags override values from --config.")
 
 
 # ------------------------------------------------------------------ config file + flags (shared)
+def add_job_parser(sub: argparse._SubParsersAction, name: str, cls, helps: dict, run_fn, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose options are the fields of ``cls`` (flags override ``--config``) and which calls
+    ``run_fn(cls(...))``."""
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    add_config_arguments(p, cls, helps)
+    p.set_defaults(func=lambda ns: run_fn(config_from_args(ns, cls)) and None)
+    return p
+
+
 def add_config_arguments(p: argparse.ArgumentParser, cls, helps: dict) -> None:
     p.add_argument("--config", help="YAML or JSON file with option values (keys as the flags, - or _)")
     for f in fields(cls):

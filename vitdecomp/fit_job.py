@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .decompose_job import add_config_arguments, config_from_args
+from .decompose_job import add_job_parser
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -230,11 +230,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Fit CompAlign (per-component maps into a CLIP teacher's space) or TextSpan (a "
                                    "text basis per head, exact from streamed moments) from a stored table.")
     fsub = p.add_subparsers(dest="fit", required=True)
-    a = fsub.add_parser("compalign", help="per-component linear maps into the teacher's CLIP space",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(a, CompAlignJob, HELP)
-    a.set_defaults(func=lambda ns: run_compalign(config_from_args(ns, CompAlignJob)) and None)
-    t = fsub.add_parser("textspan", help="TextSpan for heads, from streamed moments",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(t, TextSpanJob, HELP)
-    t.set_defaults(func=lambda ns: run_textspan(config_from_args(ns, TextSpanJob)) and None)
+    add_job_parser(fsub, "compalign", CompAlignJob, HELP, run_compalign,
+                   help="per-component linear maps into the teacher's CLIP space")
+    add_job_parser(fsub, "textspan", TextSpanJob, HELP, run_textspan, help="TextSpan for heads, from streamed moments")

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .decompose_job import add_config_arguments, config_from_args
+from .decompose_job import add_job_parser
 from .errors import InputError
 
 
@@ -170,11 +170,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="query a store: CompAttribute, text retrieval (more to come)",
                        description="Corpus-wide queries over a store. Implemented: compattribute, retrieve.")
     qsub = p.add_subparsers(dest="query", required=True)
-    c = qsub.add_parser("compattribute", help="score every component against text-described properties",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(c, CompAttributeJob, HELP)
-    c.set_defaults(func=lambda ns: run_compattribute(config_from_args(ns, CompAttributeJob)) and None)
-    r = qsub.add_parser("retrieve", help="text-based retrieval by property (top components, probe text)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(r, RetrieveJob, HELP)
-    r.set_defaults(func=lambda ns: run_retrieve(config_from_args(ns, RetrieveJob)) and None)
+    add_job_parser(qsub, "compattribute", CompAttributeJob, HELP, run_compattribute,
+                   help="score every component against text-described properties")
+    add_job_parser(qsub, "retrieve", RetrieveJob, HELP, run_retrieve,
+                   help="text-based retrieval by property (top components, probe text)")

@@ -50,6 +50,18 @@ def load_images(world_dir: str, split: str, transform: Callable, limit: Optional
     return x, rows
 
 
+def _trainable(name: str, world_dir: str, cfg: TrainConfig):
+    """A freshly seeded model in training mode with gradients on, and the training split for it."""
+    import vitdecomp as vd
+
+    torch.manual_seed(cfg.seed)
+    lm = vd.load_model(name)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    x, rows = load_images(world_dir, "train", lm.transform, cfg.max_train)
+    return lm, lm.model.train(), x, rows
+
+
 def _progress(what: str, epoch: int, epochs: int, t0: float, **metrics) -> None:
     m = " ".join(f"{k}={v:.3f}" for k, v in metrics.items())
     log.info("%s epoch %d/%d %s (%.0f s)", what, epoch, epochs, m, time.time() - t0)
@@ -61,14 +73,7 @@ def _schedule(opt, total_steps: int):
 
 
 def train_classifier(world_dir: str, out_path: str, cfg: TrainConfig = TrainConfig()) -> dict:
-    import vitdecomp as vd
-
-    torch.manual_seed(cfg.seed)
-    lm = vd.load_model(TOY_VIT)
-    model = lm.model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    x, rows = load_images(world_dir, "train", lm.transform, cfg.max_train)
+    lm, model, x, rows = _trainable(TOY_VIT, world_dir, cfg)
     y = torch.tensor([r["label"] for r in rows])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.classifier_epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
@@ -98,14 +103,7 @@ def train_classifier(world_dir: str, out_path: str, cfg: TrainConfig = TrainConf
 
 
 def train_clip(world_dir: str, out_path: str, cfg: TrainConfig = TrainConfig()) -> dict:
-    import vitdecomp as vd
-
-    torch.manual_seed(cfg.seed)
-    lm = vd.load_model(TOY_CLIP)
-    model = lm.model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    x, rows = load_images(world_dir, "train", lm.transform, cfg.max_train)
+    lm, model, x, rows = _trainable(TOY_CLIP, world_dir, cfg)
     tokens = lm.tokenizer([r["caption"] for r in rows])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bs = max(cfg.batch_size, 128)                       # contrastive batches want many negatives
