@@ -55,9 +55,23 @@ def run_compattribute(job: CompAttributeJob) -> dict:
     top = {p: names[int(sc[:, j].argmax())] for j, p in enumerate(props)}
     with open(os.path.join(job.out, "compattribute.json"), "w") as f:
         json.dump({"store": st.uri, "properties": props, "top_component": top, "aligner": job.aligner}, f, indent=2)
+    from .report import write_report, write_section
+
+    write_section(job.out, "compattribute", "CompAttribute: components × properties", order=10,
+                  summary=f"Mean Pearson correlation, over the {st.count()} images of the store, between each "
+                          "component's projection and the (aligned) total's projection on each property's "
+                          "orthonormalised description embeddings (SPEC §6).",
+                  facts={"store": st.uri, "model": st.manifest["model"]["name"], "aligner": job.aligner or "none",
+                         "components": len(names), "properties": len(props),
+                         **{f"top component: {p}": f"{c} ({sc[names.index(c), j]:+.3f})"
+                            for j, (p, c) in enumerate(top.items())}},
+                  images=[(png, "CompAttribute score of every component (rows) for every property (columns)")],
+                  tables=[{"path": "compattribute.parquet", "caption": "component, property, score", "max_rows": 40}])
+    report = write_report(job.out)
     print("compattribute: top component per property: " + ", ".join(f"{p}: {c}" for p, c in top.items()))
-    print(f"compattribute: {len(names)} components x {len(props)} properties -> {job.out}/compattribute.parquet, {png}")
-    return {"table": table, "scores": sc, "names": names, "properties": list(props)}
+    print(f"compattribute: {len(names)} components x {len(props)} properties -> {job.out}/compattribute.parquet, "
+          f"{png}, {report}")
+    return {"table": table, "scores": sc, "names": names, "properties": list(props), "report": report}
 
 
 @dataclass
@@ -118,9 +132,20 @@ def run_retrieve(job: RetrieveJob) -> dict:
     os.makedirs(job.out, exist_ok=True)
     pq.write_table(table, os.path.join(job.out, "retrieval.parquet"))
     sheet = contact_sheet(table.column("uri").to_pylist(), os.path.join(job.out, "retrieval.png"))
+    from .report import write_report, write_section
+
+    write_section(job.out, "retrieve", f"Retrieval: {job.text!r} through the {job.property!r} components", order=20,
+                  summary=f"Every image of the store ranked by the probe text's projection of the sum of the "
+                          f"{len(top)} components CompAttribute ranks highest for the property {job.property!r} "
+                          "(SPEC §7, text-based retrieval by property).",
+                  facts={"store": st.uri, "property": job.property, "probe text": job.text,
+                         "components used": top, "images scored": len(ids), "aligner": job.aligner or "none"},
+                  images=[(sheet, f"top {len(order)} images, best first (row-major)")] if sheet else [],
+                  tables=[{"path": "retrieval.parquet", "caption": "rank, image_id, uri, score", "max_rows": 40}])
+    report = write_report(job.out)
     print(f"retrieve: property {job.property!r} via {top}; top {len(order)} images for {job.text!r} -> "
-          f"{job.out}/retrieval.parquet" + (f", {sheet}" if sheet else ""))
-    return {"table": table, "components": top, "scores": scores, "ids": ids}
+          f"{job.out}/retrieval.parquet" + (f", {sheet}" if sheet else "") + f", {report}")
+    return {"table": table, "components": top, "scores": scores, "ids": ids, "report": report}
 
 
 def contact_sheet(uris, path: str, size: int = 96, cols: int = 8) -> Optional[str]:
@@ -149,9 +174,27 @@ def contact_sheet(uris, path: str, size: int = 96, cols: int = 8) -> Optional[st
     return path
 
 
+@dataclass
+class ReportJob:
+    out: str = ""
+    title: Optional[str] = None
+
+
+def run_report(job: ReportJob) -> dict:
+    """Gather the ``*.section.json`` sidecars in ``--out`` into one static ``report.html``."""
+    from .report import write_report
+
+    if not job.out:
+        raise InputError("--out is required (a directory written by query subcommands)")
+    path = write_report(job.out, title=job.title)
+    print(f"report: {path}")
+    return {"report": path}
+
+
 HELP = {
     "store": "the store written by `vitdecomp decompose`",
-    "out": "output directory (compattribute.parquet, compattribute.png, compattribute.json)",
+    "out": "output directory: the query's tables (Parquet), plots (PNG), <name>.section.json and report.html",
+    "title": "report: the page title (default: from the directory name)",
     "properties": "YAML/JSON mapping name: [descriptions…] added to the defaults (color, texture, animal, person, "
                   "location, pattern, shape); the order of descriptions is the QR order",
     "components": "components to score (default: all, or the aligner's)",
@@ -174,3 +217,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="score every component against text-described properties")
     add_job_parser(qsub, "retrieve", RetrieveJob, HELP, run_retrieve,
                    help="text-based retrieval by property (top components, probe text)")
+    from .ablation_job import add_query_parsers
+
+    add_query_parsers(qsub)
+    add_job_parser(qsub, "report", ReportJob, HELP, run_report,
+                   help="one static HTML page of every query section in --out (tables, plots, links)")
