@@ -171,3 +171,56 @@ def run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     root = Path(__file__).resolve().parents[1]
     return subprocess.Popen([sys.executable, str(root / "jobs" / args[0]), *args[1:]], cwd=root,
                             env={**os.environ, **(env or {})}, **kw)
+
+
+def synthetic_components(blocks: int = 3, heads: int = 2):
+    """``embed``, per block ``heads`` heads and an MLP, ``bias`` — a ViT-like component list."""
+    from vitdecomp.names import Component
+
+    comps = [Component("embed", "embed", "")]
+    for b in range(blocks):
+        comps += [Component(f"blocks.{b}.attn.head.{h}", "head", f"blocks.{b}.attn", b, h) for h in range(heads)]
+        comps.append(Component(f"blocks.{b}.mlp", "mlp", f"blocks.{b}.mlp", b))
+    return comps + [Component("bias", "bias", "")]
+
+
+def write_store(path, contributions: np.ndarray, components, columns: dict | None = None, ids=None,
+                model: str = "open_clip:vitdecomp-toy-clip", space: str = "clip", fmt: str = "parquet") -> str:
+    """A store with exactly these contributions ``[n, K, d]`` (readout = their sum) and pass-through
+    columns, written through the Store API — planted truth for query tests."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitdecomp.storage import Store, column_for, components_to_json, contributions_schema, vectors_to_arrow
+
+    n, K, d = contributions.shape
+    assert K == len(components)
+    ids = ids or [f"img{i:05d}" for i in range(n)]
+    columns = columns or {}
+    uris = columns.pop("uri", None) or [f"/nonexistent/{i}.png" for i in ids]
+    extra = pa.table(columns) if columns else pa.table({})
+    schema = contributions_schema(components, d, "fp32", extra.schema, None)
+    manifest = {"format": fmt, "model": {"name": model, "readout": {"kind": "image_embedding", "pool": "token[0]",
+                                                                    "dim": d, "space": space},
+                                         "pretrained": None, "checkpoint": None, "checkpoint_sha256": None},
+                "teacher": None, "preprocess": {}, "teacher_preprocess": None,
+                "options": {"blocks": None, "heads": True, "convention": "centered", "normalize": False,
+                            "readout_only": False},
+                "components": components_to_json(components), "d": d, "dtype": "fp32",
+                "passthrough": [f.name for f in extra.schema]}
+    st = Store(str(path))
+    st.create(manifest, schema)
+    data = {"image_id": ids, "uri": uris, **{c: extra.column(c) for c in extra.column_names},
+            "readout": vectors_to_arrow(contributions.sum(1), "fp32")}
+    for k, c in enumerate(components):
+        data[column_for(c.name)] = vectors_to_arrow(contributions[:, k], "fp32")
+    table = pa.table(data).cast(schema)
+    if fmt == "lance":
+        import lance
+
+        lance.write_dataset(table, st.lance_uri("contributions"), mode="append")
+    else:
+        name = "contributions/synthetic.parquet"
+        pq.write_table(table, os.path.join(str(path), name))
+        st.commit([{"file": name, "rows": n}], None)
+    return str(path)

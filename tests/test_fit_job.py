@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import vitdecomp as vd
 from jobutil import make_images
@@ -53,6 +54,7 @@ def test_textspan_on_a_clip_store_equals_in_memory(stores, pool, tmp_path):
     heads = [c.name for c in st.components if c.kind == "head" and c.block >= 2]
     assert sorted(set(table.column("component").to_pylist())) == sorted(heads)
     # the same algorithm on moments computed in memory from iter_batches
+    torch.manual_seed(0)                   # the job builds random-init text models from seed 0
     torch_seeded = vd.load_model(TOY_CLIP)
     texts = encode_texts(torch_seeded, read_pool(pool), cache_dir=str(tmp_path / "cache"))
     X = np.concatenate([b.contributions for b in st.iter_batches(components=heads[:1], dtype=np.float64)])
@@ -106,6 +108,7 @@ def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
     assert ev["mean_ablated_components"] == ["embed"] + [c.name for c in st.components
                                                          if c.block is not None and c.block < 2]
     # independent: mean-ablate embed and blocks 0-1, zero-shot with the class texts
+    torch.manual_seed(0)
     clip = vd.load_model(TOY_CLIP)
     T = encode_texts(clip, ["red", "blue"], cache_dir=str(tmp_path / "cache"))
     bs = list(st.iter_batches(batch_size=100, columns=["label"], dtype=np.float64))
@@ -169,6 +172,7 @@ def test_query_retrieve_ranks_by_the_top_components_projection(stores, tmp_path)
     assert (tmp_path / "r" / "retrieval.png").exists() and (tmp_path / "r" / "retrieval.parquet").exists()
     # independent check of the best score: Σ of the 3 components · the probe text
     st = vd.open_store(stores["clip"])
+    torch.manual_seed(0)
     clip = vd.load_model(TOY_CLIP)
     probe = encode_texts(clip, ["a red circle"], cache_dir=str(tmp_path / "cache"))[0]
     b = list(st.iter_batches(components=r["components"], ids=[t[0]["image_id"]]))[0]

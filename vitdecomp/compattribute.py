@@ -94,8 +94,10 @@ def read_properties(path: Optional[str]) -> dict[str, list[str]]:
 
 
 def compattribute(store, clip, properties: dict[str, list[str]], *, components: Optional[Sequence[str]] = None,
-                  aligner=None, distributed: bool = True, cache_dir: Optional[str] = None, batch_size: int = 1024):
-    """Score every component against every property in one pass; returns (table, [K, P] scores, names)."""
+                  aligner=None, distributed: bool = True, cache_dir: Optional[str] = None, batch_size: int = 1024,
+                  ids: Optional[Sequence[str]] = None):
+    """Score every component against every property in one pass; returns (table, [K, P] scores, names).
+    ``ids`` restricts the pass to those rows (e.g. a validation split; computed in this process)."""
     import pyarrow as pa
 
     from .text import encode_texts
@@ -109,11 +111,12 @@ def compattribute(store, clip, properties: dict[str, list[str]], *, components: 
     if dirs.shape[1] != (aligner.maps.shape[1] if aligner is not None else store.manifest["d"]):
         raise InputError("the property texts live in another space than the contributions: use the store's CLIP "
                          "(or its aligner's teacher) as the text model")
-    if distributed and aligner is None:
+    if distributed and aligner is None and ids is None:
         sums = _distributed_sums(store, names, dirs, batch_size)
     else:
         sums = None
-        for b in store.iter_batches(components=names, batch_size=batch_size, aligner=aligner, dtype=np.float64):
+        for b in store.iter_batches(components=names, batch_size=batch_size, aligner=aligner, dtype=np.float64,
+                                    ids=ids):
             s = Sums.of(b.contributions, dirs)
             sums = s if sums is None else sums + s
     if sums is None:

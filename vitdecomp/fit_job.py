@@ -90,6 +90,10 @@ def resolve_text_model(st, aligner, clip: Optional[str], clip_pretrained: Option
         raise InputError(f"the text model {clip_name} is not the CLIP space of these contributions ({space}); "
                          "texts must be encoded by the same model")
     weights = (aligner.meta.get("teacher") if aligner else m["model"]) or {}
+    if not (clip_pretrained or weights.get("pretrained") or clip_checkpoint):
+        import torch
+
+        torch.manual_seed(0)            # random-init: the same weights as the decompose job's (seed 0)
     lm = vd.load_model(clip_name, pretrained=clip_pretrained or weights.get("pretrained") or False,
                        checkpoint=clip_checkpoint)
     want_sha = weights.get("checkpoint_sha256")
@@ -226,10 +230,13 @@ HELP = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit CompAlign or TextSpan from a store",
+    p = sub.add_parser("fit", help="fit CompAlign, TextSpan or a linear probe from a store",
                        description="Fit CompAlign (per-component maps into a CLIP teacher's space) or TextSpan (a "
                                    "text basis per head, exact from streamed moments) from a stored table.")
     fsub = p.add_subparsers(dest="fit", required=True)
     add_job_parser(fsub, "compalign", CompAlignJob, HELP, run_compalign,
                    help="per-component linear maps into the teacher's CLIP space")
     add_job_parser(fsub, "textspan", TextSpanJob, HELP, run_textspan, help="TextSpan for heads, from streamed moments")
+    from .ablation_job import add_fit_parser
+
+    add_fit_parser(fsub)

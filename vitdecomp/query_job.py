@@ -217,5 +217,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="score every component against text-described properties")
     add_job_parser(qsub, "retrieve", RetrieveJob, HELP, run_retrieve,
                    help="text-based retrieval by property (top components, probe text)")
+    from .ablation_job import add_query_parsers
+
+    add_query_parsers(qsub)
+    __import__("vitdecomp.heatmaps", fromlist=["add_parser"]).add_parser(qsub)    # query heatmap (heatmaps.py)
     add_job_parser(qsub, "report", ReportJob, HELP, run_report,
                    help="one static HTML page of every query section in --out (tables, plots, links)")

@@ -413,7 +413,8 @@ class Store:
             if rb.num_rows == 0:
                 continue
             t = pa.Table.from_batches([rb])
-            contrib = np.stack([arrow_to_vectors(t.column(c), dtype) for c in comp_cols], 1)
+            contrib = np.stack([arrow_to_vectors(t.column(c), dtype) for c in comp_cols], 1) if comp_cols else \
+                np.zeros((t.num_rows, 0, self.manifest["d"]), dtype)
             if aligner is not None:
                 sel = [aligner.names.index(c) for c in comp_names]
                 sub = type(aligner)([aligner.names[i] for i in sel], aligner.maps[sel],

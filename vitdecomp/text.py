@@ -78,6 +78,8 @@ def encode_texts(lm, texts: Sequence[str], *, use_templates: bool = True, batch_
     if not texts:
         raise InputError("no descriptions to encode (empty pool)")
     mid = model_id(lm) + ("|tpl80" if use_templates else "|plain")
+    if not (lm.pretrained or lm.checkpoint_sha256):
+        cache_dir = None            # random-init weights differ per build: never reuse their embeddings
     out: dict[int, np.ndarray] = {}
     todo = []
     for i, t in enumerate(texts):
