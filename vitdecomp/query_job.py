@@ -220,6 +220,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .ablation_job import add_query_parsers
 
     add_query_parsers(qsub)
-    __import__("vitdecomp.heatmaps", fromlist=["add_parser"]).add_parser(qsub)    # query heatmap (heatmaps.py)
     add_job_parser(qsub, "report", ReportJob, HELP, run_report,
                    help="one static HTML page of every query section in --out (tables, plots, links)")
