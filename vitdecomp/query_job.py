@@ -217,6 +217,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="score every component against text-described properties")
     add_job_parser(qsub, "retrieve", RetrieveJob, HELP, run_retrieve,
                    help="text-based retrieval by property (top components, probe text)")
+    __import__("vitdecomp.heatmaps", fromlist=["add_parser"]).add_parser(qsub)    # query heatmap (heatmaps.py)
     from .ablation_job import add_query_parsers
 
     add_query_parsers(qsub)

@@ -187,3 +187,39 @@ def vocabulary_pool() -> list[str]:
     out += [f"a shape on {sc}" for sc in scenes] + [f"{c} color" for c in colors]
     out += [f"{t} texture" for t in TEXTURES] + ["water", "land", "a warm color", "a cool color"]
     return list(dict.fromkeys(out))
+
+
+def object_mask(record: dict, size: int = 64) -> np.ndarray:
+    """The object's foreground mask of one attribute record, ``bool [size, size]`` (exactly the
+    pixels :func:`render` paints with the object)."""
+    return _mask(record, size)
+
+
+def write_masks(world_dir: str, cfg: WorldConfig = WorldConfig(), split: Optional[str] = None) -> str:
+    """Write every image's object mask as ``<world_dir>/masks/<image_id>.png`` (0/255, ``L`` mode, the
+    image's size) and return the masks folder (``vitdecomp query heatmap --masks-dir``).
+
+    The attribute records are regenerated from ``cfg`` (the metadata table lacks the radius and
+    angle), so ``cfg`` must be the config the world was generated with: its key is checked against
+    the world's stamp. Images, metadata and config hashes are untouched.
+    """
+    from PIL import Image
+
+    stamp = os.path.join(world_dir, "WORLD")
+    if not os.path.exists(stamp):
+        raise FileNotFoundError(f"{world_dir} is not a generated toy world (no WORLD stamp); run generate() first")
+    with open(stamp) as f:
+        key = f.read().strip()
+    if key != cfg.key():
+        raise ValueError(f"{world_dir} was generated with another WorldConfig (key {key}, given {cfg.key()}); "
+                         "pass the config the world was generated with")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out = os.path.join(world_dir, "masks")
+    for a in sample_attributes(cfg):
+        if split is not None and a["split"] != split:
+            continue
+        path = os.path.join(out, a["image_id"] + ".png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray((object_mask(a, cfg.size) * 255).astype(np.uint8), "L").save(path)
+    return out
