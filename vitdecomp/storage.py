@@ -438,8 +438,8 @@ class Store:
         fs = self.fs
         if not files:
             return ray.data.from_arrow(self._schema().empty_table())
-        return ray.data.read_parquet(files, filesystem=fs, columns=None if columns is None else list(columns),
-                                     partitioning=None)
+        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None)
+        return ds if columns is None else ds.select_columns(list(columns))
 
 
 @dataclass
