@@ -63,6 +63,8 @@ class DecomposeConfig:
     s3_region: Optional[str] = None
     ray_address: Optional[str] = None
     num_cpus: Optional[int] = None
+    worker_resources: Optional[dict] = None   # custom Ray resources per model actor (JSON object)
+    decode_resources: Optional[dict] = None   # custom Ray resources per decode task (JSON object)
     readout_only: bool = False         # benchmark baseline: same pipeline, readout column only
 
     def validate(self) -> None:
@@ -77,6 +79,37 @@ class DecomposeConfig:
             raise InputError("--batch-size, --concurrency and --commit-every must be positive")
         if self.pretrained and self.checkpoint:
             raise InputError("pass either --pretrained or --checkpoint, not both")
+        self.worker_resources = parse_resources(self.worker_resources, "--worker-resources")
+        self.decode_resources = parse_resources(self.decode_resources, "--decode-resources")
+
+
+def parse_resources(value, flag: str) -> Optional[dict]:
+    """``'{"gpu_node": 1}'`` (a JSON object; a dict from a config file) → ``{name: float}`` of custom Ray
+    resources, or None. CPUs and GPUs are not custom resources (they follow --concurrency and --device)."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{flag} {value!r}: not a JSON object ({e}); use e.g. '{{\"gpu_node\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag}: expected a mapping of Ray resource name to amount, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if str(k) in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise InputError(f"{flag}: {k!r} is not a custom resource; CPUs/GPUs follow --concurrency and --device")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise InputError(f"{flag}: the amount of {k!r} must be a positive number, got {v!r}")
+        out[str(k)] = float(v)
+    return out
+
+
+def _node_id() -> Optional[str]:
+    """The Ray node this code runs on (None outside Ray: unit tests call the stages directly)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def parse_blocks(spec: Optional[str]) -> Optional[list[int]]:
@@ -132,6 +165,7 @@ def decode_block(t: pa.Table, transform, teacher_transform, s3: dict) -> pa.Tabl
         errors.append(err)
     out = t.drop_columns([c for c in ("_bytes",) if c in t.column_names])
     out = out.append_column("_pixels", pa.array(pixels, pa.large_binary()))
+    out = out.append_column("_decode_node", pa.array([_node_id()] * n, pa.string()))
     if teacher_transform is not None:
         out = out.append_column("_tpixels", pa.array(tpixels, pa.large_binary()))
     return out.append_column("_error", pa.array(errors, pa.string()))
@@ -161,6 +195,7 @@ class DecomposeWorker:
         self.size = (3, *self.lm.image_size)
         self.tsize = (3, *self.teacher.image_size) if self.teacher else None
         self.schema = pa.ipc.read_schema(pa.py_buffer(spec["schema"]))
+        self.node = _node_id()
 
     def __call__(self, t: pa.Table) -> pa.Table:
         import torch
@@ -207,6 +242,9 @@ class DecomposeWorker:
         if teacher is not None:
             out["teacher"] = vectors_to_arrow(teacher, dtype, ok)
         out["_error"] = t.column("_error")
+        if "_decode_node" in t.column_names:
+            out["_decode_node"] = t.column("_decode_node")
+        out["_model_node"] = pa.array([self.node] * n, pa.string())
         return pa.table(out)
 
 
@@ -244,6 +282,14 @@ def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: 
         rows["kind"].append("error")
         rows["payload"].append(json.dumps({"image_id": i, "uri": u, "stage": "decode", "reason": e}))
         rows["rows"].append(1)
+    # where the rows were decoded and decomposed (rows=0: counted in the payload, not as written rows)
+    if "_model_node" in t.column_names:
+        nodes = pa.table({"decode": t.column("_decode_node") if "_decode_node" in t.column_names
+                          else pa.nulls(t.num_rows, pa.string()), "model": t.column("_model_node")})
+        for g in nodes.group_by(["decode", "model"]).aggregate([([], "count_all")]).to_pylist():
+            rows["kind"].append("placement")
+            rows["payload"].append(json.dumps({"decode": g["decode"], "model": g["model"], "inputs": g["count_all"]}))
+            rows["rows"].append(0)
     return pa.table({"kind": pa.array(rows["kind"], pa.string()), "payload": pa.array(rows["payload"], pa.string()),
                      "rows": pa.array(rows["rows"], pa.int64())})
 
@@ -260,6 +306,7 @@ class Summary:
     commits: int = 0
     steady_images_per_s: float = 0.0    # after the first results arrived (excludes start-up)
     store: str = ""
+    nodes: dict = field(default_factory=dict)   # {"decode"|"model": {node address: inputs}} of this run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -269,7 +316,13 @@ class Summary:
     def __str__(self) -> str:
         return (f"decompose: {self.written} images written, {self.errors} errors, {self.skipped} already stored "
                 f"(skipped), {self.commits} commits in {self.seconds:.1f} s = {self.images_per_s:.2f} images/s; "
-                f"store {self.store} holds {self.total_rows} rows, {self.bytes_per_image / 1024:.1f} KiB/image")
+                f"store {self.store} holds {self.total_rows} rows, {self.bytes_per_image / 1024:.1f} KiB/image"
+                + "".join(f"\ndecompose: {_STAGES[stage]} ran on " + ", ".join(f"{n} ({c} inputs)" for n, c in
+                                                                                sorted(per.items()))
+                          for stage, per in self.nodes.items() if per))
+
+
+_STAGES = {"decode": "decoding", "model": "model actors"}
 
 
 def _manifest(cfg: DecomposeConfig, lm, teacher, components, d: int, source_kind: str) -> dict:
@@ -350,13 +403,20 @@ def run(cfg: DecomposeConfig) -> Summary:
             "components": [c.name for c in components], "readout_only": cfg.readout_only,
             "schema": schema.serialize().to_pybytes()}
     s3d = {"endpoint": s3.endpoint, "region": s3.region}
+    for flag, res in (("--worker-resources", cfg.worker_resources), ("--decode-resources", cfg.decode_resources)):
+        missing = sorted(set(res or {}) - set(ray.cluster_resources()))
+        if missing:
+            log.warning("%s: no node of the cluster offers %s now; the job waits until one does "
+                        "(e.g. an autoscaled worker group)", flag, missing)
+    decode_kw = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
+    worker_kw = {"resources": cfg.worker_resources} if cfg.worker_resources else {}
     # decoding runs in CPU tasks of its own (its resources differ from the actors', so Ray Data does
     # not fuse it into the model actors, which would serialise decoding behind the model)
     ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5,
-                                 fn_args=(lm.transform, teacher.transform if teacher else None, s3d))
+                                 fn_args=(lm.transform, teacher.transform if teacher else None, s3d), **decode_kw)
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_constructor_args=(spec,), compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1)
+                        num_gpus=1 if use_gpu else 0, num_cpus=1, **worker_kw)
     # writers are I/O-bound and must never starve behind decoding and the model (else nothing is
     # committed until the end and results pile up in the object store)
     ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
@@ -384,6 +444,7 @@ def run(cfg: DecomposeConfig) -> Summary:
         pending, pending_errors, pending_rows = [], [], 0
 
     t_first, n_first, n_seen = None, 0, 0
+    placement: dict[str, dict] = {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         n_batch = int(pc.sum(batch.column("rows")).as_py() or 0)
         if t_first is None:
@@ -392,6 +453,11 @@ def run(cfg: DecomposeConfig) -> Summary:
         for kind, payload, rows in zip(batch.column("kind").to_pylist(), batch.column("payload").to_pylist(),
                                        batch.column("rows").to_pylist()):
             rec = json.loads(payload)
+            if kind == "placement":
+                for stage in ("decode", "model"):
+                    per = placement.setdefault(stage, {})
+                    per[rec[stage]] = per.get(rec[stage], 0) + rec["inputs"]
+                continue
             if kind == "error":
                 pending_errors.append(rec)
             else:
@@ -404,6 +470,8 @@ def run(cfg: DecomposeConfig) -> Summary:
     commit()
     if t_first is not None and t_last > t_first and n_seen > n_first:
         summary.steady_images_per_s = (n_seen - n_first) / (t_last - t_first)
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    summary.nodes = {stage: {address.get(k, k or "?"): c for k, c in per.items()} for stage, per in placement.items()}
     return _finish(summary, store, t0)
 
 
@@ -450,6 +518,10 @@ HELP = {
     "s3_region": "S3 region (default: $AWS_REGION)",
     "ray_address": "Ray cluster address (default: the cluster of `ray job submit`, else a local instance)",
     "num_cpus": "CPUs of the local Ray instance (default: all)",
+    "worker_resources": "custom Ray resources each model actor needs, as JSON, e.g. '{\"gpu_pool\": 1}' "
+                        "(pins the actor pool to the nodes that offer them)",
+    "decode_resources": "custom Ray resources each decode task needs, as JSON, e.g. '{\"decode\": 1}' "
+                        "(keeps decoding on CPU nodes)",
     "readout_only": "store only the readout (the plain-embedding baseline of `benchmark job`)",
 }
 
