@@ -100,6 +100,14 @@ def test_class_logit_direction_and_the_aligner_map():
     np.testing.assert_allclose(token_heatmaps(m, x, ["blocks.1.attn.head.0"], u), want, rtol=1e-9, atol=1e-12)
     with pytest.raises(InputError, match="out of range"):
         class_direction(m, 3)
+    # one direction per image: each image's map is its own projection
+    x2 = torch.cat([x, x.flip(-1)])
+    U = np.stack([class_direction(m, 0), class_direction(m, 2)])
+    per = token_heatmaps(m, x2, ["blocks.1.attn.head.0"], U)
+    np.testing.assert_allclose(per[0], token_heatmaps(m, x2, ["blocks.1.attn.head.0"], U[0])[0], atol=1e-12)
+    np.testing.assert_allclose(per[1], token_heatmaps(m, x2, ["blocks.1.attn.head.0"], U[1])[1], atol=1e-12)
+    with pytest.raises(InputError, match="one per image"):
+        token_heatmaps(m, x2, ["blocks.1.attn.head.0"], np.ones((3, 32)))
     # through an aligner A_k: ⟨A_k c, t⟩ = ⟨c, A_kᵀ t⟩ for each head's own map; a layer uses its heads' maps
     from vitdecomp.compalign import Aligner
 
@@ -242,8 +250,13 @@ def stores(ray_local, world, tmp_path_factory):
     return {"vit": str(out / "vit"), "clip": str(out / "clip"), "clip_images": copies}
 
 
-def test_write_masks_matches_the_rendered_objects(world):
-    from vitdecomp.toyworld.generate import object_mask, render
+def test_write_masks_matches_the_rendered_objects(world, tmp_path):
+    from vitdecomp.toyworld.generate import WorldConfig, object_mask, render, write_masks
+
+    got = write_masks(str(world["root"]), world["cfg"], split="train", out_dir=str(tmp_path / "m"))
+    assert sorted(os.listdir(os.path.join(got, "train"))) == [f"{i:05d}.png" for i in range(6)]
+    with pytest.raises(ValueError, match="another WorldConfig"):
+        write_masks(str(world["root"]), WorldConfig(seed=4, n_train=6, n_val=0, n_test=0))
 
     a = world["attrs"]["train/00002"]
     m = object_mask(a, 64)
@@ -264,7 +277,7 @@ def test_heatmap_job_class_logit_with_masks_matches_in_process(stores, world, tm
     out = tmp_path / "hm"
     ids = ["train/00004.png", "train/00001.png"]
     comps = ["blocks.3.attn.head.1", "blocks.2.attn"]
-    r = run_heatmap(HeatmapJob(store=stores["vit"], out=str(out), image_ids=ids, components=comps, class_index=1,
+    r = run_heatmap(HeatmapJob(store=stores["vit"], out=str(out), image_ids=ids, components=comps, class_index="1",
                                masks_dir=world["masks"]))
     t = pq.read_table(out / "heatmaps.parquet").to_pylist()
     assert [row["image_id"] for row in t] == ids
@@ -295,6 +308,21 @@ def test_heatmap_job_class_logit_with_masks_matches_in_process(stores, world, tm
             assert t[k][key] == pytest.approx(ref[key], abs=1e-6)
     assert seg[2]["pixacc"] == pytest.approx(np.mean([s["pixacc"] for s in seg[:2]]))
     assert r["summary"]["images"] == 2
+    # 'pred': each image's own predicted class (from the stored readout and the classifier)
+    rp = run_heatmap(HeatmapJob(store=stores["vit"], out=str(tmp_path / "pred"), image_ids=ids, components=comps,
+                                class_index="pred"))
+    from vitdecomp.heatmaps import predicted_classes
+
+    with torch.no_grad():
+        z = vd.decompose(lm, x, blocks=[1, 2, 3]).readout
+        logits = lm.model.forward_head(lm.model.forward_features(x))
+    ks = logits.argmax(-1).tolist()
+    assert predicted_classes(lm, z.numpy()).tolist() == ks
+    assert rp["table"].column("class_index").to_pylist() == ks
+    assert rp["table"].column("target").to_pylist() == [f"class {k} (predicted)" for k in ks]
+    for j, k in enumerate(ks):
+        np.testing.assert_allclose(rp["maps"][j], token_heatmaps(lm, x[j:j + 1], comps, class_direction(lm, k),
+                                                                 blocks=[1, 2, 3])[0], rtol=1e-5, atol=1e-7)
 
 
 def world_mask(world, image_id):
@@ -345,6 +373,8 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
         run_heatmap(HeatmapJob(**base, class_index=0, text="a red circle"))
     with pytest.raises(InputError, match="exactly one of --text"):
         run_heatmap(HeatmapJob(**base))
+    with pytest.raises(InputError, match="a class number"):
+        run_heatmap(HeatmapJob(**base, class_index="first"))
     with pytest.raises(InputError, match="--aligner"):
         run_heatmap(HeatmapJob(**base, text="a red circle"))
     with pytest.raises(InputError, match="no classifier head"):

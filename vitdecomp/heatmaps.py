@@ -105,14 +105,16 @@ def compute_heatmaps(lm, images: torch.Tensor, components: Sequence[str], direct
     wanted = list(dict.fromkeys(h for hs in groups.values() for h in hs))
     dec = vd.decompose(lm, images, blocks=blocks, heads=True, tokens=wanted, convention=convention,
                        normalize=normalize)
-    dtype = dec.readout.dtype
+    dtype, B = dec.readout.dtype, dec.readout.shape[0]
     u = torch.as_tensor(np.asarray(direction, dtype=np.float64)).to(device=dec.readout.device, dtype=dtype)
-    if u.dim() != 1:
-        raise InputError(f"direction must be a vector [d], got shape {tuple(u.shape)}")
+    if u.dim() == 1:
+        u = u[None].expand(B, -1)
+    if u.dim() != 2 or u.shape[0] != B:
+        raise InputError(f"direction must be a vector [d] or one per image [{B}, d], got shape {tuple(u.shape)}")
     want_dim = aligner.maps.shape[1] if aligner is not None else dec.readout.shape[-1]
-    if u.shape[0] != want_dim:
+    if u.shape[1] != want_dim:
         where = "the aligner's CLIP space" if aligner is not None else "the model's readout"
-        raise InputError(f"direction has {u.shape[0]} dimensions but {where} has {want_dim}: a text embedding "
+        raise InputError(f"direction has {u.shape[1]} dimensions but {where} has {want_dim}: a text embedding "
                          f"must come from the same CLIP space (non-CLIP stores: pass the aligner)")
     per = {}
     with torch.inference_mode():
@@ -120,8 +122,8 @@ def compute_heatmaps(lm, images: torch.Tensor, components: Sequence[str], direct
             acc = None
             for h in hs:
                 tm = dec.token_map(h)                                         # [B, gh, gw, d]
-                uh = u if aligner is None else _aligner_map(aligner, h, name).to(u).T @ u
-                m = tm @ uh                                                   # [B, gh, gw]
+                uh = u if aligner is None else u @ _aligner_map(aligner, h, name).to(u)      # [B, d]
+                m = torch.einsum("bijd,bd->bij", tm, uh)                      # [B, gh, gw]
                 acc = m if acc is None else acc + m
             per[name] = acc.double().cpu().numpy()
     total = sum(per.values())
@@ -137,8 +139,9 @@ def token_heatmaps(lm, images: torch.Tensor, components: Sequence[str], directio
         images: preprocessed ``[B, 3, H, W]`` on the model's device.
         components: head names (``blocks.3.attn.head.0``) and/or attention layers (``blocks.3.attn``
             = Σ of its heads); the maps of all of them are summed.
-        direction: ``[d]`` — a text embedding in the readout's CLIP space, a classifier weight row
-            (:func:`class_direction`), or with ``aligner`` a vector of the aligner's CLIP space.
+        direction: ``[d]`` (or one per image, ``[B, d]``) — a text embedding in the readout's CLIP
+            space, a classifier weight row (:func:`class_direction`), or with ``aligner`` a vector
+            of the aligner's CLIP space.
         aligner: CompAlign :class:`~vitdecomp.compalign.Aligner`; each head's tokens are mapped by
             its own (or its layer's) ``A_k`` before the projection.
         convention, blocks, normalize: as the store was decomposed (SPEC §2.2; ``blocks`` decides
@@ -147,9 +150,7 @@ def token_heatmaps(lm, images: torch.Tensor, components: Sequence[str], directio
     return compute_heatmaps(lm, images, components, direction, aligner, convention, blocks, normalize).maps
 
 
-def class_direction(lm, index: int) -> np.ndarray:
-    """Weight row ``[d]`` of class ``index`` in a timm classifier head (the class logit's direction on
-    the pre-logits readout; its bias is input-independent and dropped)."""
+def _classifier(lm) -> torch.nn.Linear:
     model = getattr(lm, "model", lm)
     if getattr(lm, "library", "timm") != "timm" or not hasattr(model, "get_classifier"):
         raise InputError(f"{getattr(lm, 'name', type(model).__name__)} has no classifier head: --class-index needs a "
@@ -158,10 +159,25 @@ def class_direction(lm, index: int) -> np.ndarray:
     if not isinstance(head, torch.nn.Linear):
         raise InputError(f"{getattr(lm, 'name', '')}: the classifier head is {type(head).__name__}, not a Linear "
                          "layer (num_classes=0?); --class-index needs a linear classifier")
+    return head
+
+
+def class_direction(lm, index: int) -> np.ndarray:
+    """Weight row ``[d]`` of class ``index`` in a timm classifier head (the class logit's direction on
+    the pre-logits readout; its bias is input-independent and dropped)."""
+    head = _classifier(lm)
     k = int(index)
     if not 0 <= k < head.out_features:
         raise InputError(f"--class-index {k} is out of range: the classifier has classes 0..{head.out_features - 1}")
     return head.weight[k].detach().double().cpu().numpy()
+
+
+def predicted_classes(lm, readout) -> np.ndarray:
+    """``argmax`` of the classifier's logits on pre-logits readouts ``[B, d]`` → ``[B]`` int."""
+    head = _classifier(lm)
+    z = torch.as_tensor(np.asarray(readout), dtype=head.weight.dtype, device=head.weight.device)
+    with torch.inference_mode():
+        return head(z).argmax(-1).cpu().numpy()
 
 
 def upsample(maps, size: tuple[int, int]) -> np.ndarray:
@@ -403,7 +419,7 @@ class HeatmapJob:
     top_n: Optional[int] = None
     retrieval: Optional[str] = None
     text: Optional[str] = None
-    class_index: Optional[int] = None
+    class_index: Optional[str] = None
     aligner: Optional[str] = None
     checkpoint: Optional[str] = None
     clip: Optional[str] = None
@@ -428,7 +444,8 @@ HELP = {
              "when --image-ids is not given)",
     "retrieval": "a retrieval.parquet (from `vitdecomp query retrieve`) whose top --top-n images are mapped",
     "text": "project on this text's CLIP embedding (CLIP stores, or with --aligner)",
-    "class_index": "project on the classifier's weight row of this class (timm classifiers)",
+    "class_index": "project on the classifier's weight row of this class (timm classifiers); 'pred': each "
+                   "image's predicted class",
     "aligner": "CompAlign artefact mapping a non-CLIP store into its teacher's CLIP space (with --text)",
     "checkpoint": "the local weights file the store was made with (its SHA-256 must match the manifest's)",
     "clip": "open_clip text model (default: the store's CLIP or the aligner's teacher)",
@@ -492,16 +509,35 @@ def _select_ids(job: HeatmapJob, st) -> list[str]:
     return sorted(all_ids)[:n]
 
 
-def _direction(job: HeatmapJob, st, lm, aligner) -> tuple[np.ndarray, str]:
+def _parse_class_index(value) -> Union[int, str, None]:
+    if value is None:
+        return None
+    if str(value).strip().lower() in ("pred", "predicted"):
+        return "pred"
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--class-index {value!r}: a class number (0, 1, …) or 'pred'") from None
+
+
+def _directions(job: HeatmapJob, st, lm, aligner, readouts: np.ndarray) -> tuple[np.ndarray, list, list[str]]:
+    """Per image: direction ``[n, d]``, class index (or None) and a label of the target."""
+    n = len(readouts)
+    k = _parse_class_index(job.class_index)
+    if k is not None:
+        if k == "pred":
+            ks = [int(c) for c in predicted_classes(lm, readouts)]
+            return np.stack([class_direction(lm, c) for c in ks]), ks, [f"class {c} (predicted)" for c in ks]
+        u = class_direction(lm, k)
+        return np.repeat(u[None], n, 0), [k] * n, [f"class {k}"] * n
+    u = _text_direction(job, st, lm, aligner)
+    return np.repeat(u[None], n, 0), [None] * n, [f"text {job.text!r}"] * n
+
+
+def _text_direction(job: HeatmapJob, st, lm, aligner) -> np.ndarray:
     from .fit_job import resolve_text_model
     from .text import encode_texts
 
-    if job.class_index is not None:
-        if aligner is not None:
-            raise InputError("--class-index projects on the model's own classifier; --aligner (CLIP space) "
-                             "goes with --text only")
-        k = int(job.class_index)
-        return class_direction(lm, k), f"class {k}"
     if aligner is None and lm.library == "open_clip":
         if job.clip and job.clip != lm.name:
             raise InputError(f"the text model {job.clip} is not the CLIP space of these contributions ({lm.name}); "
@@ -512,8 +548,7 @@ def _direction(job: HeatmapJob, st, lm, aligner) -> tuple[np.ndarray, str]:
         text_lm = resolve_text_model(st, aligner, job.clip, job.clip_pretrained, job.clip_checkpoint,
                                      what="a text heatmap")
     cache = job.cache_dir or os.path.expanduser("~/.cache/vitdecomp/text")
-    u = encode_texts(text_lm, [job.text], cache_dir=cache)[0].astype(np.float64)
-    return u, f"text {job.text!r}"
+    return encode_texts(text_lm, [job.text], cache_dir=cache)[0].astype(np.float64)
 
 
 def _load_masks(job: HeatmapJob, rows: list[dict], lm, s3) -> Optional[list[np.ndarray]]:
@@ -561,6 +596,10 @@ def run_heatmap(job: HeatmapJob) -> dict:
         raise InputError("--components is required: attention heads (blocks.3.attn.head.0) or layers (blocks.3.attn)")
     if (job.text is None) == (job.class_index is None):
         raise InputError("pass exactly one of --text (a CLIP text direction) and --class-index (a classifier row)")
+    if job.class_index is not None and job.aligner:
+        raise InputError("--class-index projects on the model's own classifier; --aligner (CLIP space) goes with "
+                         "--text only")
+    _parse_class_index(job.class_index)
     if job.mask_column and job.masks_dir:
         raise InputError("pass either --mask-column or --masks-dir, not both")
     st = open_store(job.store, s3_endpoint=job.s3_endpoint)
@@ -583,7 +622,8 @@ def run_heatmap(job: HeatmapJob) -> dict:
         for name, hs in groups.items():
             for h in hs:
                 _aligner_map(aligner, h, name)
-    direction, target = _direction(job, st, lm, aligner)
+    if job.class_index is not None:
+        _classifier(lm)                                                  # no classifier: fail before reading
     ids = _select_ids(job, st)
     cols = ["image_id", "uri", "readout"] + ([job.mask_column] if job.mask_column else [])
     table = st.read(columns=cols, ids=ids)
@@ -595,6 +635,8 @@ def run_heatmap(job: HeatmapJob) -> dict:
             raise InputError(f"image {r['image_id']!r} has no source URI in {st.uri} (it was read from a bytes "
                              "column): heatmaps recompute tokens from the source images")
     masks = _load_masks(job, rows, lm, s3)
+    directions, classes, targets = _directions(job, st, lm, aligner, np.stack([stored[i] for i in ids]))
+    target = targets[0] if len(set(targets)) == 1 else "each image's predicted class"
 
     os.makedirs(os.path.join(job.out, "heatmaps"), exist_ok=True)
     tol = 2e-2 if m.get("dtype") == "fp16" else 1e-3
@@ -606,7 +648,8 @@ def run_heatmap(job: HeatmapJob) -> dict:
             x = torch.stack([lm.transform(read_image(r["uri"], s3)) for r in chunk]).to(device)
         except (OSError, FileNotFoundError) as e:
             raise InputError(f"cannot read a source image of {[r['image_id'] for r in chunk]}: {e}") from None
-        res = compute_heatmaps(lm, x, list(job.components), direction, aligner, convention, blocks, normalize)
+        res = compute_heatmaps(lm, x, list(job.components), directions[s:s + bs], aligner, convention, blocks,
+                               normalize)
         for j, r in enumerate(chunk):
             z_s = stored[r["image_id"]]
             err = float(np.linalg.norm(res.readout[j] - z_s) / max(np.linalg.norm(z_s), 1e-30))
@@ -625,7 +668,7 @@ def run_heatmap(job: HeatmapJob) -> dict:
         met = segmentation_metrics(ups[i], mk) if mk is not None else None
         if met is not None:
             seg_rows.append({"image_id": r["image_id"], **met})
-        title = f"{r['image_id']} — {target}" + (f" — mIoU {met['miou']:.2f} AP {met['ap']:.2f}" if met else "")
+        title = f"{r['image_id']} — {targets[i]}" + (f" — mIoU {met['miou']:.2f} AP {met['ap']:.2f}" if met else "")
         p = os.path.join(job.out, "heatmaps", f"{i:04d}_{_safe(r['image_id'])}.png")
         pngs.append(overlay_png(disp[i], ups[i], p, title, mask=mk))
     grid_path = grid_png(disp[:32], ups[:32], [r["image_id"] for r in rows[:32]],
@@ -637,8 +680,8 @@ def run_heatmap(job: HeatmapJob) -> dict:
     out_cols = {
         "image_id": [r["image_id"] for r in rows], "uri": [r["uri"] for r in rows],
         "components": pa.array([comp_set] * len(rows), pa.list_(pa.string())),
-        "target": [target] * len(rows), "text": [job.text] * len(rows),
-        "class_index": pa.array([job.class_index] * len(rows), pa.int64()),
+        "target": targets, "text": [job.text] * len(rows),
+        "class_index": pa.array(classes, pa.int64()),
         "grid_h": [gh] * len(rows), "grid_w": [gw] * len(rows),
         "heatmap": pa.array([mp.ravel().tolist() for mp in maps], pa.list_(pa.float64())),
         "peak_row": [p[0] for p in peaks], "peak_col": [p[1] for p in peaks],

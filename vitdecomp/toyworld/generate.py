@@ -195,9 +195,11 @@ def object_mask(record: dict, size: int = 64) -> np.ndarray:
     return _mask(record, size)
 
 
-def write_masks(world_dir: str, cfg: WorldConfig = WorldConfig(), split: Optional[str] = None) -> str:
-    """Write every image's object mask as ``<world_dir>/masks/<image_id>.png`` (0/255, ``L`` mode, the
-    image's size) and return the masks folder (``vitdecomp query heatmap --masks-dir``).
+def write_masks(world_dir: str, cfg: WorldConfig = WorldConfig(), split: Optional[str] = None,
+                out_dir: Optional[str] = None) -> str:
+    """Write every image's object mask as ``<out_dir>/<image_id>.png`` (0/255, ``L`` mode, the image's
+    size; ``out_dir`` defaults to ``<world_dir>/masks``) and return ``out_dir`` (``vitdecomp query
+    heatmap --masks-dir``).
 
     The attribute records are regenerated from ``cfg`` (the metadata table lacks the radius and
     angle), so ``cfg`` must be the config the world was generated with: its key is checked against
@@ -215,7 +217,7 @@ def write_masks(world_dir: str, cfg: WorldConfig = WorldConfig(), split: Optiona
                          "pass the config the world was generated with")
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    out = os.path.join(world_dir, "masks")
+    out = out_dir or os.path.join(world_dir, "masks")
     for a in sample_attributes(cfg):
         if split is not None and a["split"] != split:
             continue
