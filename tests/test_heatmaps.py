@@ -362,6 +362,12 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
     t = pq.read_table(out / "heatmaps.parquet")
     assert t.column("image_id").to_pylist() == ["train/00000.png", "train/00001.png"]
     assert not (out / "segmentation.parquet").exists()
+    ranking = tmp_path / "retrieval.parquet"
+    pq.write_table(pa.table({"rank": [1, 0, 2], "image_id": ["train/00003.png", "train/00005.png", "train/00000.png"]}),
+                   ranking)
+    r = run_heatmap(HeatmapJob(store=stores["vit"], out=str(tmp_path / "ranked"), retrieval=str(ranking), top_n=2,
+                               components=["blocks.3.attn.head.0"], class_index="0"))
+    assert r["ids"] == ["train/00005.png", "train/00003.png"]
     base = dict(store=stores["vit"], out=str(tmp_path / "e"), components=["blocks.3.attn.head.0"])
     with pytest.raises(InputError, match=r"not in .*close to 'train/00009\.png'"):
         run_heatmap(HeatmapJob(**base, image_ids=["train/00009.png"], class_index=0))
@@ -373,6 +379,8 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
         run_heatmap(HeatmapJob(**base, class_index=0, text="a red circle"))
     with pytest.raises(InputError, match="exactly one of --text"):
         run_heatmap(HeatmapJob(**base))
+    with pytest.raises(InputError, match="either --image-ids or --top-n"):
+        run_heatmap(HeatmapJob(**base, class_index=0, image_ids=["train/00000.png"], top_n=2))
     with pytest.raises(InputError, match="a class number"):
         run_heatmap(HeatmapJob(**base, class_index="first"))
     with pytest.raises(InputError, match="--aligner"):
