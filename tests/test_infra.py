@@ -3,6 +3,7 @@ Ray cluster on loopback (work pinned to both nodes by custom resources), and lin
 under infra/ (Dockerfile, KubeRay RayJob, Ray cluster-launcher config, runtime_env)."""
 from __future__ import annotations
 
+import argparse
 import copy
 import io
 import json
@@ -301,6 +302,14 @@ def test_rayjob_entrypoint_survives_the_submitter_shell_and_uses_real_flags(rayj
             ns = parser.parse_args(c[1:])
         except SystemExit:
             pytest.fail(f"vitdecomp rejects: {' '.join(c)}")
+        sub = parser
+        for word in c[1:3]:                           # the subcommand's own parser: its exact flag names
+            actions = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+            if actions and word in actions[0].choices:
+                sub = actions[0].choices[word]
+        flags = {o for a in sub._actions for o in a.option_strings}
+        unknown = [w for w in c if w.startswith("--") and w not in flags]
+        assert not unknown, f"{' '.join(c[:3])}: {unknown} are not (full) flag names (argparse would accept prefixes)"
         if c[1] == "decompose":
             assert ns.device == "cuda" and ns.output == env["VD_STORE"] and int(ns.concurrency) == int(env["VD_GPUS"])
             assert parse_resources(ns.decode_resources, "--decode-resources") == {"decode": 1.0}
@@ -517,7 +526,7 @@ def test_ray_job_submit_to_two_loopback_nodes_decomposes_into_s3(tmp_path):
         assert f"decompose: 0 images written, 0 errors, {n_inputs} already stored" in out2, out2[-3000:]
         assert open_store(store, s3_endpoint=s3.endpoint).count() == len(valid)
         print(f"\ncluster start {t_started - t0:.1f} s, first job {t_job - t_started:.1f} s, "
-              f"rerun {time.time() - t_job:.1f} s")
+              f"rerun {time.time() - t_job:.1f} s\n" + "\n".join(l for l in out.splitlines() if l.startswith("decompose:")))
     finally:
         cluster.stop()
         s3.close()
