@@ -396,6 +396,10 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
         run_heatmap(HeatmapJob(**base, class_index=0, checkpoint=str(ckpt)))
     with pytest.raises(InputError, match="no mask for image"):
         run_heatmap(HeatmapJob(**base, class_index=0, masks_dir=str(tmp_path)))
+    (tmp_path / "small" / "train").mkdir(parents=True)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small" / "train" / "00000.png")
+    with pytest.raises(InputError, match="is 10x10 but the image is 64x64"):
+        run_heatmap(HeatmapJob(**base, class_index=0, image_ids=["train/00000.png"], masks_dir=str(tmp_path / "small")))
 
 
 @pytest.mark.slow

@@ -551,7 +551,8 @@ def _text_direction(job: HeatmapJob, st, lm, aligner) -> np.ndarray:
     return encode_texts(text_lm, [job.text], cache_dir=cache)[0].astype(np.float64)
 
 
-def _load_masks(job: HeatmapJob, rows: list[dict], lm, s3) -> Optional[list[np.ndarray]]:
+def _load_masks(job: HeatmapJob, rows: list[dict], s3) -> Optional[list]:
+    """The mask images (PIL, source resolution) of ``rows``, or None without mask options."""
     from PIL import Image
 
     if not (job.mask_column or job.masks_dir):
@@ -570,11 +571,8 @@ def _load_masks(job: HeatmapJob, rows: list[dict], lm, s3) -> Optional[list[np.n
                     raise InputError(f"no mask for image {r['image_id']!r} in {job.masks_dir} (expected "
                                      f"{os.path.join(job.masks_dir, r['image_id'] + '.png')})")
                 img = Image.open(p)
-            src = read_image(r["uri"], s3)
-            if img.size != src.size:
-                raise InputError(f"the mask of {r['image_id']!r} is {img.size[0]}x{img.size[1]} but the image is "
-                                 f"{src.size[0]}x{src.size[1]}: masks must have the source image's size")
-            out.append(mask_to_input(img, lm))
+            img.load()
+            out.append(img)
         except (OSError, FileNotFoundError) as e:
             raise InputError(f"cannot read the mask of {r['image_id']!r}: {e}") from None
     return out
@@ -634,21 +632,29 @@ def run_heatmap(job: HeatmapJob) -> dict:
         if not r["uri"]:
             raise InputError(f"image {r['image_id']!r} has no source URI in {st.uri} (it was read from a bytes "
                              "column): heatmaps recompute tokens from the source images")
-    masks = _load_masks(job, rows, lm, s3)
+    mask_imgs = _load_masks(job, rows, s3)
     directions, classes, targets = _directions(job, st, lm, aligner, np.stack([stored[i] for i in ids]))
     target = targets[0] if len(set(targets)) == 1 else "each image's predicted class"
 
     os.makedirs(os.path.join(job.out, "heatmaps"), exist_ok=True)
     # fp16 storage, or TF32 convolutions on a GPU, move the readout by ~1e-3; a different model or image by O(1)
     tol = 2e-2 if m.get("dtype") == "fp16" or str(device).startswith("cuda") else 1e-3
-    maps, ups, disp, pngs = [], [], [], []
+    maps, ups, disp, pngs, masks = [], [], [], [], None if mask_imgs is None else []
     bs = max(1, int(job.batch_size))
     for s in range(0, len(rows), bs):
         chunk = rows[s:s + bs]
         try:
-            x = torch.stack([lm.transform(read_image(r["uri"], s3)) for r in chunk]).to(device)
+            srcs = [read_image(r["uri"], s3) for r in chunk]
         except (OSError, FileNotFoundError) as e:
             raise InputError(f"cannot read a source image of {[r['image_id'] for r in chunk]}: {e}") from None
+        x = torch.stack([lm.transform(im) for im in srcs]).to(device)
+        for j, (r, im) in enumerate(zip(chunk, srcs)):
+            if mask_imgs is not None:
+                mk = mask_imgs[s + j]
+                if mk.size != im.size:
+                    raise InputError(f"the mask of {r['image_id']!r} is {mk.size[0]}x{mk.size[1]} but the image is "
+                                     f"{im.size[0]}x{im.size[1]}: masks must have the source image's size")
+                masks.append(mask_to_input(mk, lm))
         res = compute_heatmaps(lm, x, list(job.components), directions[s:s + bs], aligner, convention, blocks,
                                normalize)
         for j, r in enumerate(chunk):
