@@ -184,6 +184,12 @@ def synthetic_components(blocks: int = 3, heads: int = 2):
     return comps + [Component("bias", "bias", "")]
 
 
+def _preprocess(model: str) -> dict:
+    import vitdecomp as vd
+
+    return vd.load_model(model, load_weights=False).preprocess
+
+
 def write_store(path, contributions: np.ndarray, components, columns: dict | None = None, ids=None,
                 model: str = "open_clip:vitdecomp-toy-clip", space: str = "clip", fmt: str = "parquet") -> str:
     """A store with exactly these contributions ``[n, K, d]`` (readout = their sum) and pass-through
@@ -203,7 +209,7 @@ def write_store(path, contributions: np.ndarray, components, columns: dict | Non
     manifest = {"format": fmt, "model": {"name": model, "readout": {"kind": "image_embedding", "pool": "token[0]",
                                                                     "dim": d, "space": space},
                                          "pretrained": None, "checkpoint": None, "checkpoint_sha256": None},
-                "teacher": None, "preprocess": {}, "teacher_preprocess": None,
+                "teacher": None, "preprocess": _preprocess(model), "teacher_preprocess": None,
                 "options": {"blocks": None, "heads": True, "convention": "centered", "normalize": False,
                             "readout_only": False},
                 "components": components_to_json(components), "d": d, "dtype": "fp32",

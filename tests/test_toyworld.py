@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -71,8 +72,9 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
 
     s = run(str(tmp_path), small=True)
     out = capsys.readouterr().out
-    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6 fit", "6/6 query", "not in this demo yet"):
+    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7 fit", "6/7 query", "7/7 report"):
         assert stage in out
+    assert "not in this demo yet" not in out
     assert os.path.exists(s["metadata"])
     for k in ("classifier", "clip"):
         assert os.path.exists(s["models"][k]["checkpoint"]) and not s["models"][k]["cached"]
@@ -90,8 +92,6 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
     np.testing.assert_allclose(np.linalg.norm(b.teacher, axis=1), 1.0, atol=1e-5)
     fits = s["fits"]
     assert os.path.exists(fits["aligner"] + ".safetensors") and os.path.exists(fits["aligner"] + ".json")
-    import pyarrow.parquet as pq
-
     for k, st in (("textspan_clip", clip), ("textspan_classifier", clf)):
         t = pq.read_table(os.path.join(fits[k], "textspan.parquet"))
         assert t.num_rows == 16 * 5 and set(t.column("component").to_pylist()) <= set(st.names)
@@ -99,7 +99,27 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
         t = pq.read_table(os.path.join(fits[k], "compattribute.parquet"))
         assert "world background" in set(t.column("property").to_pylist())
         assert os.path.exists(os.path.join(fits[k], "compattribute.png"))
+    q = {k: tmp_path / "query" / k for k in ("clip", "classifier")}
+    for f in ("mitigation_compattribute.parquet", "mitigation_signed.parquet", "mitigation_signed.png",
+              "ablation.parquet", "ablation.png", "report.html"):
+        assert (q["classifier"] / f).exists(), f
+    for f in ("ablation.parquet", "retrieval.parquet", "retrieval.png", "heatmaps.parquet", "segmentation.parquet",
+              "heatmap_grid.png", "report.html", "by-image/retrieval.parquet", "by-image/report.html"):
+        assert (q["clip"] / f).exists(), f
+    html = (q["classifier"] / "report.html").read_text()
+    for section in ("CompAttribute", "mitigation_compattribute.png", "mitigation_signed.png", "ablation.png"):
+        assert section in html
+    # the mitigation tables agree with the summary, and the ablated components are the classifier's
+    mt = pq.read_table(q["classifier"] / "mitigation_signed.parquet").to_pylist()
+    worst = {r["setting"]: r["accuracy"] for r in mt if r["group"] == "worst group"}
+    assert worst["before"] == pytest.approx(s["queries"]["mitigation_signed"]["worst_group"]["before"])
+    assert set(s["queries"]["mitigation_signed"]["ablated"]) <= set(clf.names) and \
+        len(s["queries"]["mitigation_signed"]["ablated"]) == 5
+    seg = pq.read_table(q["clip"] / "segmentation.parquet").to_pylist()
+    per_image = [r for r in seg if r["kind"] == "image"]
+    assert len(per_image) == 4 and all(0.0 <= r["pixacc"] <= 1.0 and 0.0 <= r["ap"] <= 1.0 for r in per_image)
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
+    assert set(summary["reports"]) == {"clip", "classifier"}
     assert 0.0 <= summary["classifier_groups"]["worst_group"] <= 1.0 and set(summary["clip_zero_shot"]) >= {"shape"}
 
     s2 = run(str(tmp_path), small=True)                       # cached: no retraining, nothing re-stored

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -106,29 +106,13 @@ def zeroshot_head(clip, classes: Sequence[str], aligned: bool, cache_dir: Option
                       {"text_model": clip.name})
 
 
-def load_store_model(st, checkpoint: Optional[str] = None, device: str = "cpu"):
-    """Rebuild the store's model as the decompose job did (random-init models from seed 0)."""
-    import torch
-
-    import vitdecomp as vd
-
-    m = st.manifest["model"]
-    if m.get("checkpoint_sha256") and not checkpoint:
-        raise InputError(f"{st.uri} was decomposed from the local checkpoint {m.get('checkpoint')!r}: pass its path "
-                         "with --checkpoint")
-    torch.manual_seed(0)
-    lm = vd.load_model(m["name"], pretrained=m.get("pretrained") or False, checkpoint=checkpoint, device=device)
-    if m.get("checkpoint_sha256") and lm.checkpoint_sha256 != m["checkpoint_sha256"]:
-        raise InputError(f"--checkpoint {checkpoint} is not the checkpoint {st.uri} was made with "
-                         f"(SHA-256 {m['checkpoint_sha256'][:12]}…, got {str(lm.checkpoint_sha256)[:12]}…)")
-    return lm
-
-
 def model_head(st, checkpoint: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> LinearHead:
     """The model's own linear classifier on its readout (timm ``get_classifier()``)."""
     from torch import nn
 
-    lm = load_store_model(st, checkpoint)
+    from .heatmaps import rebuild_model
+
+    lm = rebuild_model(st.manifest, checkpoint)
     head = lm.model.get_classifier() if hasattr(lm.model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
         raise InputError(f"{st.manifest['model']['name']} has no linear classifier head "
@@ -463,7 +447,3 @@ def rows_of(results: dict) -> list[dict]:
         rows.append({"setting": s, "group": "worst group", "images": None, "accuracy": float(r["worst"])})
         rows.append({"setting": s, "group": "mean group", "images": None, "accuracy": float(r["mean"])})
     return rows
-
-
-def unique(seq: Iterable) -> list:
-    return list(dict.fromkeys(seq))

@@ -53,6 +53,7 @@ class MitigateJob(HeadOptions):
     val_fraction: str = "0.5"
     random_draws: int = 5
     seed: int = 0
+    name: str = "mitigation"
 
 
 @dataclass
@@ -171,6 +172,10 @@ def run_mitigate(job: MitigateJob) -> dict:
     _check_column(st, job.group_column, "--group-column")
     if job.protocol not in ("heldout", "same-pool"):
         raise InputError(f"--protocol must be heldout or same-pool, got {job.protocol!r}")
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", job.name or ""):
+        raise InputError(f"--name {job.name!r} must be letters, digits, '_', '.' or '-' (it names the output files)")
     if job.ranking not in ("compattribute", "signed"):
         raise InputError(f"--ranking must be compattribute or signed, got {job.ranking!r}")
     frac = float(job.val_fraction)
@@ -214,9 +219,10 @@ def run_mitigate(job: MitigateJob) -> dict:
         r["rank"] = i
         r["ablated"] = r["component"] in res["ablated"]
     table = pa.Table.from_pylist(rows_of(res))
-    pq.write_table(table, os.path.join(job.out, "mitigation.parquet"))
-    pq.write_table(pa.Table.from_pylist(ranked), os.path.join(job.out, "mitigation_components.parquet"))
-    png = plot_mitigation(res, os.path.join(job.out, "mitigation.png"),
+    nm = job.name
+    pq.write_table(table, os.path.join(job.out, f"{nm}.parquet"))
+    pq.write_table(pa.Table.from_pylist(ranked), os.path.join(job.out, f"{nm}_components.parquet"))
+    png = plot_mitigation(res, os.path.join(job.out, f"{nm}.png"),
                           f"Spurious mitigation — top {job.k} by {job.ranking} ({job.protocol})")
     b, a = res["before"], res["after"]
     summary = {"store": st.uri, "head": head.kind, "ranking": job.ranking, "protocol": job.protocol, "k": int(job.k),
@@ -225,12 +231,12 @@ def run_mitigate(job: MitigateJob) -> dict:
                                **({"random": res["random"]["worst"]} if "random" in res else {})},
                "mean_group": {"before": b["mean"], "after": a["mean"]}, "accuracy": res["accuracy"],
                "groups": {"before": b["groups"], "after": a["groups"]}, "options": asdict(job)}
-    with open(os.path.join(job.out, "mitigation.json"), "w") as f:
+    with open(os.path.join(job.out, f"{nm}.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     how = (f"components chosen and means taken on {len(fit_ids)} rows, accuracy measured on {len(eval_ids)} "
            "held-out rows" if job.protocol == "heldout" else
            f"published protocol: components, means and accuracy all on the same {len(eval_ids)} rows")
-    report = _section(job.out, "mitigation", "Spurious-feature mitigation", 40,
+    report = _section(job.out, nm, f"Spurious-feature mitigation ({job.ranking} ranking, {job.protocol})", 40,
                       f"Top {job.k} components by {job.ranking} "
                       + (f"(CompAttribute({job.spurious}) − CompAttribute({job.core})) " if job.ranking == "compattribute"
                          else "(signed push towards the class the group predicts) ")
@@ -238,11 +244,11 @@ def run_mitigate(job: MitigateJob) -> dict:
                       {"worst group before": round(b["worst"], 4), "worst group after": round(a["worst"], 4),
                        "mean group before": round(b["mean"], 4), "mean group after": round(a["mean"], 4),
                        "ablated": ", ".join(res["ablated"])},
-                      [{"path": "mitigation.png", "caption": "per-group accuracy before and after"}],
-                      [{"path": "mitigation.parquet", "caption": "accuracy per group and setting", "max_rows": 60},
-                       {"path": "mitigation_components.parquet", "caption": "component ranking", "max_rows": 30}])
+                      [{"path": f"{nm}.png", "caption": "per-group accuracy before and after"}],
+                      [{"path": f"{nm}.parquet", "caption": "accuracy per group and setting", "max_rows": 60},
+                       {"path": f"{nm}_components.parquet", "caption": "component ranking", "max_rows": 30}])
     print(f"mitigate: worst-group {b['worst']:.4f} -> {a['worst']:.4f}, mean-group {b['mean']:.4f} -> {a['mean']:.4f} "
-          f"(ablated {', '.join(res['ablated'])}) -> {job.out}/mitigation.parquet, {png}, {report}")
+          f"(ablated {', '.join(res['ablated'])}) -> {job.out}/{nm}.parquet, {png}, {report}")
     return {"results": res, "summary": summary, "components": ranked, "head": head}
 
 
@@ -291,6 +297,7 @@ HELP = {
                 "protocol: choose and evaluate on the same rows)",
     "val_fraction": "without --split-column: fraction of ids (by hash) used to choose components",
     "random_draws": "mitigate: random k-sets averaged as a control (0: none)", "seed": "random seed",
+    "name": "mitigate: output file and report-section name (several runs can share one --out)",
     "l2": "probe: L2 penalty on the standardised weights", "max_rows": "probe: at most this many rows (sampled)",
 }
 

@@ -2,9 +2,10 @@
 
 Stages: generate the world → train (or load from cache) the tiny classifier and tiny CLIP → report
 their planted-truth accuracies → decompose both over the world with the decompose job (local Ray,
-local Lance; the classifier's store carries the tiny CLIP's embedding as its teacher) → fit and
-query, as those stages land. It says which stages are not there yet. ``--quick`` instead decomposes
-one drawn image with a random-initialised model (seconds).
+local Lance; the classifier's store carries the tiny CLIP's embedding as its teacher) → fit
+(CompAlign, TextSpan) → query (CompAttribute, spurious mitigation, ablation curves, retrieval by
+text and by image, token heatmaps with segmentation metrics) → one HTML report per store.
+``--quick`` instead decomposes one drawn image with a random-initialised model (seconds).
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ import time
 import torch
 
 log = logging.getLogger(__name__)
-MISSING_STAGES = ("query: retrieval, ablation curves, spurious mitigation, token heatmaps, HTML report",)
+WORLD_PROPERTIES = {
+    "world color": ["red color", "yellow color", "green color", "cyan color", "blue color", "pink color"],
+    "world background": ["a shape on ocean", "a shape on lake", "a shape on forest", "a shape on desert"],
+    "world shape": ["a circle", "a square", "a triangle", "a cross"],
+    "world texture": ["a striped shape", "a dotted shape", "a plain shape"],
+}
 
 
 def example_image(size: int = 224):
@@ -64,18 +70,18 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         world_cfg, train_cfg = WorldConfig(seed=seed), TrainConfig(seed=seed)
     stage = _Stages()
 
-    with stage("1/6 generate the toy world"):
+    with stage("1/7 generate the toy world"):
         world = os.path.join(workdir, f"world-{world_cfg.key()}")
         meta = generate(world, world_cfg)
         print(f"    {world_cfg.n_train}/{world_cfg.n_val}/{world_cfg.n_test} train/val/test images in {world}")
 
-    with stage("2/6 train or load the tiny classifier and tiny CLIP"):
+    with stage("2/7 train or load the tiny classifier and tiny CLIP"):
         models = ensure_models(world, world_cfg.key(), os.path.join(workdir, "cache"), train_cfg)
         for k, v in models.items():
             how = "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s"
             print(f"    {k}: {v['checkpoint']} ({how})")
 
-    with stage("3/6 planted-truth accuracies (test split)"):
+    with stage("3/7 planted-truth accuracies (test split)"):
         clf = vd.load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
         clip = vd.load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
         groups = group_accuracy(clf, world)
@@ -85,7 +91,7 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         print(f"    tiny CLIP zero-shot accuracy per attribute: {json.dumps({a: round(v, 3) for a, v in zs.items()})}")
 
     stores = {}
-    with stage("4/6 decompose both models over the world (local Ray, Lance)"):
+    with stage("4/7 decompose both models over the world (local Ray, Lance)"):
         common = dict(input=meta, uri_column="uri", id_column="image_id", batch_size=64, commit_every=512,
                       num_cpus=num_cpus, dtype="fp32")
         stores["classifier"] = os.path.join(workdir, "stores", "classifier")
@@ -99,7 +105,7 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
             print(f"    {name}: {st.count()} rows x {len(st.names)} components (d={st.manifest['d']}) in {uri}")
 
     fits = {}
-    with stage("5/6 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
+    with stage("5/7 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
         from .fit_job import CompAlignJob, TextSpanJob, run_compalign, run_textspan
         from .toyworld.generate import vocabulary_pool
 
@@ -115,33 +121,85 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
             run_textspan(TextSpanJob(store=stores[name], out=out, pool=pool_path, texts_per_head=5, rank=32,
                                      clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
             fits[f"textspan_{name}"] = out
-    with stage("6/6 query: CompAttribute of both models against the world's properties"):
-        import yaml
+    queries = {}
+    with stage("6/7 query: CompAttribute, spurious mitigation, ablation, retrieval, heatmaps"):
+        queries = _query_stage(workdir, world, world_cfg, stores, models, fits, small)
+        fits.update({f"compattribute_{k}": queries["out"][k] for k in ("clip", "classifier")})
 
-        from .query_job import CompAttributeJob, run_compattribute
-
-        props_path = os.path.join(workdir, "world-properties.yaml")
-        with open(props_path, "w") as f:
-            yaml.safe_dump({"world color": ["red color", "yellow color", "green color", "cyan color", "blue color",
-                                            "pink color"],
-                            "world background": ["a shape on ocean", "a shape on lake", "a shape on forest",
-                                                 "a shape on desert"],
-                            "world shape": ["a circle", "a square", "a triangle", "a cross"],
-                            "world texture": ["a striped shape", "a dotted shape", "a plain shape"]}, f)
-        cache = os.path.join(workdir, "cache", "text")
-        for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
-            out = os.path.join(workdir, "query", f"compattribute-{name}")
-            run_compattribute(CompAttributeJob(store=stores[name], out=out, properties=props_path,
-                                               clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
-            fits[f"compattribute_{name}"] = out
-        print("    not in this demo yet: " + "; ".join(MISSING_STAGES))
+    with stage("7/7 report"):
+        for name, out in queries["out"].items():
+            print(f"    {name}: {os.path.join(out, 'report.html')}")
 
     summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores, "fits": fits,
-               "classifier_groups": groups, "clip_zero_shot": zs, "seconds": time.time() - t0}
+               "classifier_groups": groups, "clip_zero_shot": zs, "queries": queries.get("summary", {}),
+               "reports": {k: os.path.join(v, "report.html") for k, v in queries.get("out", {}).items()},
+               "seconds": time.time() - t0}
     with open(os.path.join(workdir, "demo-summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print(f"demo done in {summary['seconds']:.0f} s; outputs under {workdir} (summary: demo-summary.json)")
+    print("open the reports: " + "  ".join(summary["reports"].values()))
     return summary
+
+
+def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -> dict:
+    """Every query subcommand on the demo's stores, each into one report per store."""
+    import yaml
+
+    from .ablation_job import AblateJob, MitigateJob, run_ablate, run_mitigate
+    from .heatmaps import HeatmapJob, run_heatmap
+    from .query_job import CompAttributeJob, RetrieveJob, run_compattribute, run_retrieve
+    from .toyworld.generate import write_masks
+
+    props = os.path.join(workdir, "world-properties.yaml")
+    with open(props, "w") as f:
+        yaml.safe_dump(WORLD_PROPERTIES, f)
+    cache = os.path.join(workdir, "cache", "text")
+    ck = {"clip": models["clip"]["checkpoint"], "classifier": models["classifier"]["checkpoint"]}
+    out = {k: os.path.join(workdir, "query", k) for k in ("clip", "classifier")}
+    for d in out.values():                       # a rerun rebuilds each report from this run's sections only
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                if f.endswith(".section.json"):
+                    os.remove(os.path.join(d, f))
+    text = dict(clip_checkpoint=ck["clip"], cache_dir=cache)
+    res = {}
+    for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
+        r = run_compattribute(CompAttributeJob(store=stores[name], out=out[name], properties=props, **text, **extra))
+        res[f"compattribute_{name}"] = {p: r["names"][int(r["scores"][:, j].argmax())]
+                                        for j, p in enumerate(r["properties"]) if p.startswith("world")}
+    # the classifier: its own head, the world's label and background, components chosen on val, scored on test
+    common = dict(store=stores["classifier"], out=out["classifier"], label_column="label", class_names=["warm", "cool"],
+                  head="model", checkpoint=ck["classifier"], aligner=fits["aligner"], properties=props,
+                  group_column="background", split_column="split", fit_split=["val"], eval_split=["test"], k=5, **text)
+    for ranking in ("compattribute", "signed"):
+        r = run_mitigate(MitigateJob(**common, ranking=ranking, spurious="world background", core="world color",
+                                     name=f"mitigation_{ranking}"))
+        res[f"mitigation_{ranking}"] = {"worst_group": r["summary"]["worst_group"],
+                                        "mean_group": r["summary"]["mean_group"], "ablated": r["summary"]["ablated"]}
+    r = run_ablate(AblateJob(store=stores["classifier"], out=out["classifier"], label_column="label",
+                             class_names=["warm", "cool"], head="model", checkpoint=ck["classifier"],
+                             split_column="split", eval_split=["test"]))
+    res["ablation_classifier"] = r["summary"]
+    # the tiny CLIP: zero-shot scene ablation curves, retrieval by text and by image, heatmaps with masks
+    r = run_ablate(AblateJob(store=stores["clip"], out=out["clip"], label_column="scene", split_column="split",
+                             eval_split=["test"], **text))
+    res["ablation_clip"] = r["summary"]
+    r = run_retrieve(RetrieveJob(store=stores["clip"], out=out["clip"], property="world color", text="red color",
+                                 properties=props, top_components=5, top_images=16, **text))
+    res["retrieve_text"] = {"components": r["components"], "top": r["table"].column("image_id").to_pylist()[:8]}
+    ri = os.path.join(out["clip"], "by-image")
+    r = run_retrieve(RetrieveJob(store=stores["clip"], out=ri, property="world background", image_ids=["test/00000"],
+                                 properties=props, top_components=5, top_images=16, **text))
+    res["retrieve_image"] = {"components": r["components"], "top": r["table"].column("image_id").to_pylist()[:8],
+                             "report": os.path.join(ri, "report.html")}
+    masks = write_masks(world, world_cfg, split="test")
+    last = max(c.block for c in __import__("vitdecomp").open_store(stores["clip"]).components if c.block is not None)
+    r = run_heatmap(HeatmapJob(store=stores["clip"], out=out["clip"], checkpoint=ck["clip"], clip_checkpoint=ck["clip"],
+                               components=[f"transformer.resblocks.{last}.attn"], text="a shape",
+                               image_ids=[f"test/{i:05d}" for i in range(4 if small else 8)], masks_dir=masks,
+                               cache_dir=cache))
+    res["heatmap"] = r.get("summary", {k: v for k, v in r.items() if k in ("metrics", "means")})
+    return {"out": out, "summary": res}
 
 
 class _Stages:
