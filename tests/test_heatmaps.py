@@ -75,7 +75,8 @@ def hand_token_effects(m, x: torch.Tensor, block: int, head: int) -> torch.Tenso
 # ------------------------------------------------------------------------ (1) planted tokens
 def test_one_head_matches_the_hand_written_token_effect():
     m = tiny_vit()
-    x = torch.randn(2, 3, GRID[0] * PATCH, GRID[1] * PATCH, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, GRID[0] * PATCH, GRID[1] * PATCH, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
     u = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).numpy()
     for block, head in ((1, 2), (0, 3)):
         want = (hand_token_effects(m, x, block, head) @ torch.from_numpy(u)).numpy()
@@ -244,7 +245,8 @@ def stores(ray_local, world, tmp_path_factory):
         dst = copies / (r["image_id"] + ".png")
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(r["uri"], dst)
-        rows.append({"image_id": r["image_id"], "uri": str(dst), "mask": os.path.join(world["masks"], r["image_id"] + ".png")})
+        rows.append({"image_id": r["image_id"], "uri": str(dst),
+                     "mask": os.path.join(world["masks"], r["image_id"] + ".png")})
     pq.write_table(pa.Table.from_pylist(rows), out / "table.parquet")
     run(DecomposeConfig(input=str(out / "table.parquet"), output=str(out / "clip"), model=TOY_CLIP, batch_size=8))
     return {"vit": str(out / "vit"), "clip": str(out / "clip"), "clip_images": copies}
@@ -337,8 +339,8 @@ def test_heatmap_job_text_on_a_clip_store_with_a_mask_column(stores, world, tmp_
     from vitdecomp.toyworld.registry import TOY_CLIP
 
     out = tmp_path / "hmclip"
-    r = run_heatmap(HeatmapJob(store=stores["clip"], out=str(out), top_n=3, components=["transformer.resblocks.3.attn"], text="a red circle",
-                               mask_column="mask", cache_dir=str(tmp_path / "cache")))
+    r = run_heatmap(HeatmapJob(store=stores["clip"], out=str(out), top_n=3, components=["transformer.resblocks.3.attn"],
+                               text="a red circle", mask_column="mask", cache_dir=str(tmp_path / "cache")))
     ids = sorted(world["attrs"])[:3]
     assert r["ids"] == ids
     torch.manual_seed(0)
@@ -348,7 +350,12 @@ def test_heatmap_job_text_on_a_clip_store_with_a_mask_column(stores, world, tmp_
     want = token_heatmaps(lm, x, ["transformer.resblocks.3.attn"], u)
     np.testing.assert_allclose(r["maps"], want, rtol=1e-5, atol=1e-7)
     seg = pq.read_table(out / "segmentation.parquet").to_pylist()
-    assert len(seg) == 5 and all(0 <= s["pixacc"] <= 1 for s in seg[:3])
+    assert len(seg) == 5
+    up = upsample(want, (64, 64))
+    for k, i in enumerate(ids):                    # masks read through the column's URIs
+        ref = segmentation_metrics(up[k], world_mask(world, i))
+        assert [seg[k][key] for key in ("pixacc", "miou", "ap")] == pytest.approx(
+            [ref[key] for key in ("pixacc", "miou", "ap")], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -386,7 +393,8 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
     with pytest.raises(InputError, match="--aligner"):
         run_heatmap(HeatmapJob(**base, text="a red circle"))
     with pytest.raises(InputError, match="no classifier head"):
-        run_heatmap(HeatmapJob(store=stores["clip"], out=str(tmp_path / "f"), components=["transformer.resblocks.3.attn"],
+        run_heatmap(HeatmapJob(store=stores["clip"], out=str(tmp_path / "f"),
+                               components=["transformer.resblocks.3.attn"],
                                class_index=0))
     ckpt = tmp_path / "other.safetensors"
     from safetensors.torch import save_file

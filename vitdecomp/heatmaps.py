@@ -241,7 +241,8 @@ def segmentation_metrics(score: np.ndarray, mask: np.ndarray) -> dict:
     ap_bg = average_precision(1 - s, ~mask)
     both = [a for a in (ap, ap_bg) if not np.isnan(a)]
     return {"pixacc": float((pred == mask).mean()), "iou_fg": iou_fg, "iou_bg": iou_bg,
-            "miou": (iou_fg + iou_bg) / 2, "ap": ap, "ap_bg": ap_bg, "map": float(np.mean(both)) if both else float("nan"),
+            "miou": (iou_fg + iou_bg) / 2, "ap": ap, "ap_bg": ap_bg,
+            "map": float(np.mean(both)) if both else float("nan"),
             "threshold": thr, "foreground_fraction": float(mask.mean()),
             "correct": int((pred == mask).sum()), "pixels": int(mask.size),
             "inter_fg": i1, "union_fg": u1, "inter_bg": i0, "union_bg": u0}
@@ -254,7 +255,8 @@ def summarise(rows: Sequence[dict]) -> dict:
     out = {f"mean_{k}": float(np.nanmean([r[k] for r in rows])) if rows and not all(np.isnan(r[k]) for r in rows)
            else float("nan") for k in METRICS}
     if rows:
-        tot = {k: sum(r[k] for r in rows) for k in ("correct", "pixels", "inter_fg", "union_fg", "inter_bg", "union_bg")}
+        keys = ("correct", "pixels", "inter_fg", "union_fg", "inter_bg", "union_bg")
+        tot = {k: sum(r[k] for r in rows) for k in keys}
         out["pooled_pixacc"] = tot["correct"] / tot["pixels"]
         out["pooled_miou"] = ((tot["inter_fg"] / tot["union_fg"] if tot["union_fg"] else 1.0) +
                               (tot["inter_bg"] / tot["union_bg"] if tot["union_bg"] else 1.0)) / 2
@@ -331,8 +333,8 @@ def rebuild_model(manifest: dict, checkpoint: Optional[str] = None, device: str 
     mm = manifest["model"]
     want_sha = mm.get("checkpoint_sha256")
     if want_sha and not checkpoint:
-        raise InputError(f"the store was made with the checkpoint {mm.get('checkpoint')!r} (SHA-256 {want_sha[:12]}…): "
-                         "pass its path with --checkpoint")
+        raise InputError(f"the store was made with the checkpoint {mm.get('checkpoint')!r} "
+                         f"(SHA-256 {want_sha[:12]}…): pass its path with --checkpoint")
     if checkpoint and not want_sha:
         raise InputError(f"the store was made without a checkpoint ({mm['name']}, weights "
                          f"{mm.get('pretrained') or 'random init, seed 0'}); drop --checkpoint")
