@@ -295,7 +295,8 @@ def test_rayjob_entrypoint_survives_the_submitter_shell_and_uses_real_flags(rayj
     vd_cmds = [c for c in cmds if c[0] == "vitdecomp"]
     assert [c[1:3] if c[1] in ("fit", "query") else c[1:2] for c in vd_cmds][:3] == \
         [["decompose"], ["fit", "compalign"], ["fit", "textspan"]], "decompose → fit → query, in that order"
-    assert any(c[1] == "query" for c in vd_cmds)
+    queries = [c[2] for c in vd_cmds if c[1] == "query"]
+    assert {"compattribute", "mitigate"} <= set(queries) and queries[-1] == "report", queries
     parser = build_parser()
     for c in vd_cmds:
         try:
@@ -313,7 +314,7 @@ def test_rayjob_entrypoint_survives_the_submitter_shell_and_uses_real_flags(rayj
         if c[1] == "decompose":
             assert ns.device == "cuda" and ns.output == env["VD_STORE"] and int(ns.concurrency) == int(env["VD_GPUS"])
             assert parse_resources(ns.decode_resources, "--decode-resources") == {"decode": 1.0}
-        else:
+        elif c[2] != "report":
             assert ns.store == env["VD_STORE"]
     # the artefacts (local to the head pod) are copied to S3 last
     assert cmds[-2][:2] == ["python", "-c"] and cmds[-2][-1] == env["VD_ARTEFACTS"]
