@@ -101,7 +101,7 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
         assert os.path.exists(os.path.join(fits[k], "compattribute.png"))
     q = {k: tmp_path / "query" / k for k in ("clip", "classifier")}
     for f in ("mitigation_compattribute.parquet", "mitigation_signed.parquet", "mitigation_signed.png",
-              "ablation.parquet", "ablation.png", "report.html"):
+              "ablation.parquet", "ablation.png", "heatmaps.parquet", "segmentation.parquet", "report.html"):
         assert (q["classifier"] / f).exists(), f
     for f in ("ablation.parquet", "retrieval.parquet", "retrieval.png", "heatmaps.parquet", "segmentation.parquet",
               "heatmap_grid.png", "report.html", "by-image/retrieval.parquet", "by-image/report.html"):

@@ -196,9 +196,16 @@ def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -
     last = max(c.block for c in __import__("vitdecomp").open_store(stores["clip"]).components if c.block is not None)
     r = run_heatmap(HeatmapJob(store=stores["clip"], out=out["clip"], checkpoint=ck["clip"], clip_checkpoint=ck["clip"],
                                components=[f"transformer.resblocks.{last}.attn"], text="a shape",
-                               image_ids=[f"test/{i:05d}" for i in range(4 if small else 8)], masks_dir=masks,
+                               image_ids=[f"test/{i:05d}" for i in range(4 if small else 24)], masks_dir=masks,
                                cache_dir=cache))
-    res["heatmap"] = r.get("summary", {k: v for k, v in r.items() if k in ("metrics", "means")})
+    res["heatmap_clip"] = r.get("summary")
+    # the classifier's last two attention layers on each image's predicted class: where it looks
+    last = max(c.block for c in __import__("vitdecomp").open_store(stores["classifier"]).components
+               if c.block is not None)
+    r = run_heatmap(HeatmapJob(store=stores["classifier"], out=out["classifier"], checkpoint=ck["classifier"],
+                               components=[f"blocks.{last}.attn", f"blocks.{last - 1}.attn"], class_index="pred",
+                               image_ids=[f"test/{i:05d}" for i in range(8 if small else 24)], masks_dir=masks))
+    res["heatmap_classifier"] = r.get("summary")
     return {"out": out, "summary": res}
 
 
