@@ -395,7 +395,8 @@ class LoopbackCluster:
         self.token = uuid.uuid4().hex
         self.tmp = Path(tempfile.mkdtemp(prefix="vdray-"))          # short: Ray's socket paths have a length limit
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        base = random.Random(self.token).randrange(30000, 39000, 200)
+        # worker ports below the kernel's ephemeral range and above Ray's default 10002-19999
+        base = random.Random(self.token).randrange(20000, 29800, 200)
         self.worker_ports = [(base, base + 99), (base + 100, base + 199)]
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                     "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
@@ -498,7 +499,11 @@ def test_ray_job_submit_to_two_loopback_nodes_decomposes_into_s3(tmp_path):
                   "--decode-resources", '{"vd_head": 1}', "--worker-resources", '{"vd_node_b": 1}']
 
         def run_job():
-            r = subprocess.run(submit, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
+            try:
+                r = subprocess.run(submit, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired as e:
+                out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                pytest.fail(f"ray job submit did not finish in 300 s (pending resources?):\n{out[-6000:]}")
             assert r.returncode == 0, f"job failed (rc {r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
             return r.stdout
 
