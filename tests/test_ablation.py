@@ -217,3 +217,19 @@ def test_aligner_for_another_store_is_refused(world, tmp_path):
     with pytest.raises(InputError, match="the aligner was trained for timm:other"):
         run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "e4"), label_column="label",
                              aligner=str(tmp_path / "al")))
+
+
+def test_cli_parses_query_options():
+    from vitdecomp.cli import build_parser
+    from vitdecomp.decompose_job import config_from_args
+
+    a = build_parser().parse_args(["query", "mitigate", "--store", "s", "--out", "o", "--label-column", "label",
+                                   "--group-column", "bg", "--fit-split", "val", "--eval-split", "test", "other",
+                                   "--k", "3", "--ranking", "signed", "--protocol", "same-pool"])
+    c = config_from_args(a, MitigateJob)
+    assert (c.k, c.fit_split, c.eval_split, c.ranking, c.protocol) == (3, ["val"], ["test", "other"], "signed",
+                                                                        "same-pool")
+    a = build_parser().parse_args(["query", "ablate", "--store", "s", "--out", "o", "--label-column", "y",
+                                   "--kinds", "attn", "mlp", "--order", "forward"])
+    c = config_from_args(a, AblateJob)
+    assert c.kinds == ["attn", "mlp"] and c.order == "forward"

@@ -260,8 +260,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_job_parser(qsub, "retrieve", RetrieveJob, HELP, run_retrieve,
                    help="retrieval by property: probe text or probe images (top components)")
     from .ablation_job import add_query_parsers
+    from .heatmaps import add_parser as add_heatmap_parser
 
     add_query_parsers(qsub)
-    __import__("vitdecomp.heatmaps", fromlist=["add_parser"]).add_parser(qsub)    # query heatmap (heatmaps.py)
+    add_heatmap_parser(qsub)
     add_job_parser(qsub, "report", ReportJob, HELP, run_report,
                    help="one static HTML page of every query section in --out (tables, plots, links)")
