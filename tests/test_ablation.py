@@ -233,3 +233,15 @@ def test_cli_parses_query_options():
                                    "--kinds", "attn", "mlp", "--order", "forward"])
     c = config_from_args(a, AblateJob)
     assert c.kinds == ["attn", "mlp"] and c.order == "forward"
+
+
+def test_zero_shot_head_is_the_class_texts(world, tmp_path):
+    r = run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "z"), label_column="label",
+                             class_names=["warm", "cool"], kinds=["mlp"]))
+    assert r["head"].kind == "zeroshot" and r["head"].classes == ["warm", "cool"]
+    torch.manual_seed(0)                                   # the job's random-init text tower: seed 0
+    T = encode_texts(vd.load_model(TOY_CLIP), ["warm", "cool"])
+    np.testing.assert_allclose(r["head"].W, T, atol=1e-6)
+    y = np.array([["warm", "cool"].index(v) for v in world["cols"]["label"]])
+    base = float(((world["c"].sum(1) @ T.T).argmax(1) == y).mean())
+    assert r["rows"][0]["accuracy"] == pytest.approx(base, abs=1e-9)
