@@ -22,6 +22,7 @@ from .rules.affine import CONVENTIONS, apply_map, matrix_map, norm_map
 from .rules.attention import AttnResult
 from .rules.models import ModelPlan, plan_for
 from .rules.pool import Pooling
+from .rules.spatial import SpatialPlan, pool_positions
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Decomposition:
     num_prefix_tokens: int
     grid: tuple[int, int]
     diagnostics: dict = field(default_factory=dict)
+    token_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def index(self, name: str) -> int:
         return N.select(self.names, [name])[0]
@@ -71,12 +73,18 @@ class Decomposition:
         return [(self.names[i], float(score[i])) for i in order]
 
     def token_map(self, name: str) -> Tensor:
-        """Per-patch contributions of a token-decomposed component on the patch grid, ``[B, gh, gw, d]``
-        (prefix tokens — class, registers — dropped; row-major patch order as in the model)."""
+        """Per-patch contributions of a token-decomposed component in image coordinates, ``[B, gh, gw, d]``.
+
+        Prefix tokens (class, registers) are dropped; row ``i``, column ``j`` is the patch at that
+        place in the image. Hierarchical models (Swin, MaxViT) give the grid of the component's
+        stage (window partitions, grid partitions and cyclic shifts undone): cell ``(i, j)`` covers
+        the image rectangle ``[i·s, (i+1)·s) × [j·s, (j+1)·s)`` with ``s`` the stage's stride.
+        """
         if name not in self.tokens:
             raise InputError(f"no token contributions for {name!r}; pass tokens=[{name!r}] to decompose()")
+        grid = self.token_grids.get(name, self.grid)
         t = self.tokens[name][:, self.num_prefix_tokens:]
-        return t.reshape(t.shape[0], *self.grid, t.shape[-1])
+        return t.reshape(t.shape[0], *grid, t.shape[-1])
 
 
 @dataclass
@@ -138,10 +146,29 @@ def component_list(plan: ModelPlan, blocks: Sequence[int], heads: bool) -> list[
     return out
 
 
-def components_for(model, blocks: Optional[Iterable[int]] = None, heads: bool = True) -> list[Component]:
+def _blocks_of(plan, blocks) -> list[int]:
+    """``blocks`` as indices; a string names the first decomposed block by its module path."""
+    if isinstance(blocks, str):
+        paths = [b[1] for b in plan.blocks]
+        if blocks not in paths:
+            import difflib
+            raise InputError(f"blocks={blocks!r} is not a block path of this model; close matches: "
+                             f"{difflib.get_close_matches(blocks, paths, n=3) or paths[:3]}")
+        blocks = range(paths.index(blocks), len(paths))
+    return select_blocks(len(plan.blocks), blocks)
+
+
+def block_paths(model) -> list[str]:
+    """Module paths of the model's blocks, in order (index = the ``blocks`` option's index)."""
+    return [b[1] for b in plan_for(_unwrap(model)).blocks]
+
+
+def components_for(model, blocks: Optional[Union[Iterable[int], str]] = None, heads: bool = True) -> list[Component]:
     """The component list :func:`decompose` would return, without running the model."""
     plan = plan_for(_unwrap(model))
-    return component_list(plan, select_blocks(len(plan.blocks), blocks), heads)
+    if isinstance(plan, SpatialPlan):
+        return _spatial_components(plan, _blocks_of(plan, blocks), heads)
+    return component_list(plan, _blocks_of(plan, blocks), heads)
 
 
 def _offset_weights(components: list[Component], convention: str, heads_per_block: dict[int, int],
@@ -174,7 +201,7 @@ def decompose(
     model,
     images: Tensor,
     *,
-    blocks: Optional[Iterable[int]] = None,
+    blocks: Optional[Union[Iterable[int], str]] = None,
     heads: bool = True,
     tokens: Optional[Sequence[str]] = None,
     convention: str = "centered",
@@ -186,8 +213,9 @@ def decompose(
         model: an ``nn.Module`` (timm ViT, open_clip ViT or CLIP) in eval mode, or what
             :func:`vitdecomp.load_model` returns.
         images: preprocessed ``[B, 3, H, W]`` float tensor on the model's device.
-        blocks: indices of the decomposed blocks (a run ending at the last block); earlier blocks
-            fold into ``embed``. Default: all.
+        blocks: indices of the decomposed blocks (a run ending at the last block), or the module
+            path of the first decomposed block (``"layers.2.blocks.14"``); earlier blocks fold into
+            ``embed``. Default: all.
         heads: split attention into heads (``<attn>.head.<h>``) or keep one ``<attn>`` component.
         tokens: component names (heads) whose per-source-token contributions to return.
         convention: ``"centered"`` (default) or ``"uniform"`` (SPEC §2.2).
@@ -203,8 +231,9 @@ def decompose(
         raise InputError("the model is in training mode (dropout, stochastic depth active); call model.eval() first")
     plan = plan_for(net)
     _check_images(images, plan)
-    sel = select_blocks(len(plan.blocks), blocks)
-    comps = component_list(plan, sel, heads)
+    sel = _blocks_of(plan, blocks)
+    spatial = isinstance(plan, SpatialPlan)
+    comps = _spatial_components(plan, sel, heads) if spatial else component_list(plan, sel, heads)
     names = [c.name for c in comps]
     wanted: dict[str, list[int]] = {}
     for t in tokens or ():
@@ -213,6 +242,8 @@ def decompose(
             raise InputError(f"token contributions are defined for attention heads; {t!r} is a {c.kind} "
                              "(use heads=True and a name like 'blocks.11.attn.head.0')")
         wanted.setdefault(c.path, []).append(c.head)
+    if spatial:
+        return _decompose_spatial(plan, net, images, sel, heads, wanted, convention, normalize)
 
     param = next(net.parameters())
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -302,3 +333,142 @@ def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention
         names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
         tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
         num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)
+
+
+# --------------------------------------------------------------------- per-position readouts
+def _spatial_components(plan: SpatialPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
+    out = [Component(N.EMBED, "embed", "")]
+    for u in plan.units:
+        if u.block not in blocks:
+            continue
+        if u.kind == "attn":
+            if heads:
+                out += [Component(N.head_name(u.name, h), "head", u.name, u.block, h) for h in range(u.num_heads)]
+            else:
+                out.append(Component(u.name, "attn", u.name, u.block))
+        else:
+            out.append(Component(u.name, u.ckind, u.name, u.block))
+    out += [Component(name, kind, name) for kind, name in plan.extra_components]
+    out.append(Component(N.BIAS, "bias", ""))
+    return out
+
+
+def _decompose_spatial(plan: SpatialPlan, net, images, sel, heads, wanted_tokens, convention, normalize):
+    comps = _spatial_components(plan, sel, heads)
+    param = next(net.parameters())
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    units = [u for u in plan.units if u.block in sel]
+    store: dict = {}
+    first = [b for b in plan.blocks if b[0] == sel[0]][0]
+    handles = []
+    try:
+        handles += plan.embed_hook(first[2], store)
+        handles += plan.hooks(store)
+        for u in units:
+            handles += u.hooks(store, u.name)
+        with torch.inference_mode():
+            z = plan.readout(images)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx = _Ctx(None, dtype, heads, plan.layout, {})
+    with torch.inference_mode(), ctx.exact():
+        return _assemble_spatial(plan, comps, units, store, z.to(dtype), sel, heads, wanted_tokens, convention,
+                                 normalize, dtype, tuple(images.shape[-2:]))
+
+
+def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, convention, normalize, dtype, hw):
+    first_level = plan.level_of_input(sel[0])
+    maps = plan.finalize(store, convention, first_level)
+    dev = z.device
+    W = {lvl: w.to(dtype) for lvl, w in maps.weights.items()}
+
+    def carry(level: int, u: Tensor) -> Tensor:
+        """Per-position terms ``u [B, N, D]`` of one component → its contribution ``[B, d]``."""
+        return maps.lin(level, pool_positions(W[level], u.to(dtype))[:, None])[:, 0]
+
+    def const(level: int, b: Tensor) -> Tensor:
+        """A per-position constant ``b [D]`` added to the stream at ``level`` → ``[B, d]``."""
+        mass = W[level].sum(-1)                                                   # [B, G]
+        return maps.lin(level, (mass[..., None] * b.to(dtype))[:, None])[:, 0]
+
+    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store[N.EMBED])}
+    bias = maps.offset.clone()
+    heads_per_block: dict[int, int] = {}
+    raw_tokens: dict[str, tuple] = {}
+    diag: dict = {"head_sum_error": {}}
+    for u in units:
+        x = store[u.name].to(dtype)                                               # [B, N, C] image coordinates
+        g = u.gain.to(dtype) if u.gain is not None else None
+        if u.kind != "attn":
+            values[u.name] = carry(u.level, x if g is None else x * g)
+            continue
+        H, dh = u.num_heads, u.head_dim
+        w_o = u.proj.weight.to(dtype).view(-1, H, dh)                             # [D, H, dh]
+        if g is not None:
+            w_o = w_o * g[:, None, None]
+        P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)             # [B, G, H, dh]
+        per_head = torch.einsum("bghd,ehd->bhge", P, w_o)                         # [B, H, G, D]
+        hv = maps.lin(u.level, per_head)                                          # [B, H, d]
+        b_o = u.proj.bias.to(dtype) * (g if g is not None else 1.0) if u.proj.bias is not None else None
+        bv = const(u.level, b_o) if b_o is not None else torch.zeros_like(hv[:, 0])
+        if heads:
+            heads_per_block[u.block] = H
+            if convention == "uniform":
+                hv = hv + bv[:, None] / H
+            else:
+                bias = bias + bv
+            for h in range(H):
+                values[N.head_name(u.name, h)] = hv[:, h]
+            real = maps.lin(u.level, pool_positions(W[u.level], x @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
+            diag["head_sum_error"][u.name] = float(((hv.sum(1) + (0 if convention == "uniform" else bv) - real).norm(dim=-1)
+                                                    / real.norm(dim=-1).clamp_min(1e-30)).max())
+            for h in wanted.get(u.name, []):
+                terms = x.view(*x.shape[:2], H, dh)[:, :, h] @ w_o[:, h].T          # [B, N, D] head h per position
+                raw_tokens[N.head_name(u.name, h)] = (u.level, terms, bv / H if convention == "uniform" else None)
+        else:
+            values[u.name] = hv.sum(1) + bv
+    values.update({k: v.to(dtype) for k, v in maps.extra.items()})
+    values[N.BIAS] = torch.zeros_like(bias) if convention == "uniform" else bias
+    stack = torch.stack([values[c.name] for c in comps], 1)                      # [B, K, d]
+    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
+    if convention == "uniform":
+        stack = stack + w[None, :, None] * maps.offset[:, None, :]
+    total = maps.total.to(dtype)
+    diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
+
+    # token terms: direct effect of each position of the component's level, chunked over positions
+    name_idx = {c.name: k for k, c in enumerate(comps)}
+    tok = {}
+    for name, (level, terms, extra) in raw_tokens.items():
+        Wl, n = W[level], terms.shape[1]
+        chunks = []
+        for s in range(0, n, 256):
+            part = Wl[:, :, s:s + 256].transpose(1, 2)[..., None] * terms[:, s:s + 256, None, :]   # [B, n', G, D]
+            chunks.append(maps.lin(level, part))
+        t = torch.cat(chunks, 1)                                                 # [B, N, d]
+        k = name_idx[name]
+        if convention == "uniform":
+            t = t + (extra + w[k] * maps.offset)[:, None] / n
+        tok[name] = (t, w[k].expand(n) / n)
+    for op in maps.post:
+        if op.spec is not None:
+            m, total = norm_map(op.spec, total, convention)
+        else:
+            m, total = matrix_map(op.weight, op.bias, total)
+        stack = apply_map(m, stack, w)
+        tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
+    if normalize:
+        scale = 1.0 / z.norm(dim=-1)
+        stack = stack * scale[:, None, None]
+        tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
+        z = z * scale[:, None]
+    diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
+    grids = plan.grids(hw)
+    unit_level = {u.name: u.level for u in units}
+    token_grids = {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}
+    last = max(grids)
+    return Decomposition(
+        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
+        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[last], diagnostics=diag, token_grids=token_grids)

@@ -272,3 +272,103 @@ class MultiheadAttentionRule(AttentionRule):
 
 
 _register_timm()
+
+
+# ------------------------------------------------------------------------------- EVA attention
+def pooled_head_values(o: Tensor, w: Tensor, H: int, dh: int) -> Tensor:
+    """Pool per-position head outputs ``o [B, S, H·dh]`` (the out-projection's input at the pooled
+    positions) with query weights ``w [B, S]`` → ``[B, H, 1, dh]`` (input of :func:`out_project`)."""
+    return torch.einsum("bs,bshd->bhd", w, o.view(*o.shape[:2], H, dh))[:, :, None]
+
+
+def _register_eva() -> None:
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.eva import EvaAttention
+
+    @register_rule("attention", EvaAttention)
+    class EvaAttentionRule(AttentionRule):
+        """timm ``EvaAttention`` (EVA-02): rotary position embeddings, optional sub-LayerNorm.
+
+        Rotary embeddings only change the attention probabilities. The heads are read from the
+        out-projection's input (each head's attention-weighted values, as the model's own kernel
+        computed them) pooled over the readout positions, so no attention row is recomputed for the
+        heads. Token terms need the readout rows: queries and keys are recomputed from the captured
+        input with timm's own rotary function and the ``rope`` tensor the block received.
+        """
+
+        def __init__(self, path: str, module: nn.Module):
+            super().__init__(path, module)
+            if getattr(module, "gate", None) is not None:
+                raise UnsupportedModuleError(f"{path}: gated EvaAttention is not supported yet")
+            self.num_heads, self.head_dim = module.num_heads, module.head_dim
+            self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
+
+        def hooks(self, ctx, sink):
+            m, cap = self.module, {}
+            target = m.norm if self.subnorm.kind != "identity" else m.proj
+
+            def pre(_, args, kwargs):
+                _no_mask(self.path, kwargs, "attn_mask", "is_causal")
+                cap.clear()
+                cap["x"] = args[0] if args else kwargs["x"]
+                cap["rope"] = kwargs.get("rope", args[1] if len(args) > 1 else None)
+
+            def on_heads(_, args):
+                cap["o"] = args[0]
+
+            def post(_, __, out):
+                with ctx.exact():
+                    res = AttnResult(branch=ctx.pooling.pool(out.to(ctx.dtype)))
+                    if ctx.heads:
+                        self._split(ctx, cap, res, out.shape[1])
+                cap.clear()
+                sink(res)
+
+            return [m.register_forward_pre_hook(pre, with_kwargs=True),
+                    target.register_forward_pre_hook(on_heads), m.register_forward_hook(post)]
+
+        def _qkv(self, x: Tensor, rope: Optional[Tensor], dt) -> tuple[Tensor, Tensor, Tensor]:
+            """Queries, keys (after q/k norms and rotary embedding) and values, ``[B, H, N, dh]``."""
+            m, H = self.module, self.num_heads
+            B, N, _ = x.shape
+            if m.qkv is not None:
+                bias = None if m.q_bias is None else torch.cat((m.q_bias, m.k_bias, m.v_bias)).to(dt)
+                q, k, v = F.linear(x, m.qkv.weight.to(dt), bias).reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q, k, v = (F.linear(x, p.weight.to(dt), None if p.bias is None else p.bias.to(dt))
+                           .reshape(B, N, H, -1).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj))
+            q, k = m.q_norm(q), m.k_norm(k)
+            if rope is not None:
+                npt, half = m.num_prefix_tokens, getattr(m, "rotate_half", False)
+                rope = rope.to(dt)
+                q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+                k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+            return q, k, v
+
+        def _split(self, ctx, cap, res: AttnResult, n: int) -> None:
+            m, H, dh, dt = self.module, self.num_heads, self.head_dim, ctx.dtype
+            pos = ctx.pooling.positions(n)
+            o = cap["o"][:, pos].to(dt)                                          # [B, S, H·dh]
+            B = o.shape[0]
+            w = ctx.pooling.weights(n, B, dt, o.device)                          # [B, S]
+            if self.subnorm.kind != "identity":
+                _, sigma = layernorm_stats(o, self.subnorm)
+                w = w / sigma[..., 0]
+            w_o = m.proj.weight.to(dt).view(-1, H, dh)
+            subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
+            res.heads = out_project(pooled_head_values(o, w, H, dh), w_o, subln)[:, :, 0]
+            res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
+            wanted = ctx.token_heads(self.path)
+            if wanted:
+                q, k, v = self._qkv(cap["x"].to(dt), cap["rope"], dt)
+                scores = torch.einsum("bhsd,bhnd->bhsn", q[:, :, pos], k) * m.scale
+                alpha = readout_rows(scores, w)                                  # [B, H, N]
+                for h in wanted:
+                    terms = (alpha[:, h, :, None] * v[:, h])[:, None]            # [B, 1, N, dh]
+                    sub = None if subln is None else (subln[0][h:h + 1], subln[1], subln[2])
+                    res.tokens[h] = out_project(terms, w_o[:, h:h + 1], sub)[:, 0]
+
+    return EvaAttentionRule
+
+
+_register_eva()

@@ -39,13 +39,19 @@ def _gain(path: str, *modules: tuple[str, nn.Module]) -> Optional[Tensor]:
     return gain
 
 
-def _make(path: str, module: nn.Module, attn: str, mlp: str, scales1, scales2) -> BlockRule:
+def _make(path: str, module: nn.Module, attn: str, mlp: str, scales1, scales2,
+          extra1: Optional[Tensor] = None, extra2: Optional[Tensor] = None) -> BlockRule:
+    """``extra1``/``extra2``: branch gains held as plain parameters (EVA's ``gamma_1``/``gamma_2``)."""
     attn_path, mlp_path = f"{path}.{attn}", f"{path}.{mlp}"
     attn_mod = getattr(module, attn)
     attn_rule = rule_for("attention", attn_path, attn_mod)(attn_path, attn_mod)
-    return BlockRule(path, attn_path, attn_rule, mlp_path, getattr(module, mlp),
-                     _gain(path, *((n, getattr(module, n)) for n in scales1)),
-                     _gain(path, *((n, getattr(module, n)) for n in scales2)))
+    g1 = _gain(path, *((n, getattr(module, n)) for n in scales1))
+    g2 = _gain(path, *((n, getattr(module, n)) for n in scales2))
+    if extra1 is not None:
+        g1 = extra1 if g1 is None else g1 * extra1
+    if extra2 is not None:
+        g2 = extra2 if g2 is None else g2 * extra2
+    return BlockRule(path, attn_path, attn_rule, mlp_path, getattr(module, mlp), g1, g2)
 
 
 def _register() -> None:
@@ -61,6 +67,14 @@ def _register() -> None:
         if hasattr(module, "ln_1_kv"):
             raise UnsupportedModuleError(f"{path}: cross-attention blocks are not decomposed")
         return _make(path, module, "attn", "mlp", ("ls_1",), ("ls_2",))
+
+    from timm.models.eva import EvaBlock
+
+    @register_rule("block", EvaBlock)
+    def eva_block(path: str, module: nn.Module) -> BlockRule:
+        """Pre-norm EVA block: ``x + dp1(γ1 ⊙ attn(n1(x)))``, ``x + dp2(γ2 ⊙ mlp(n2(x)))`` (SwiGLU MLPs
+        and MLP sub-norms are inside the ``mlp`` branch)."""
+        return _make(path, module, "attn", "mlp", ("drop_path1",), ("drop_path2",), module.gamma_1, module.gamma_2)
 
 
 _register()

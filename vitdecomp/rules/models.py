@@ -78,6 +78,21 @@ def _fixed_size_check(expected: tuple[int, int], what: str) -> Callable[[Tensor]
     return check
 
 
+def _patch_check(pe) -> Callable[[Tensor], None]:
+    def check(images: Tensor) -> None:
+        p = pe.patch_size
+        if images.shape[-2] % p[0] or images.shape[-1] % p[1]:
+            raise InputError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {tuple(p)}")
+    return check
+
+
+def _patch_grid(pe) -> Callable[[tuple[int, int]], tuple[int, int]]:
+    def grid(hw: tuple[int, int]) -> tuple[int, int]:
+        p = pe.patch_size
+        return hw[0] // p[0], hw[1] // p[1]
+    return grid
+
+
 def _register() -> None:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     from open_clip.model import CLIP, CustomTextCLIP
@@ -85,9 +100,14 @@ def _register() -> None:
 
     @register_rule("model", TimmViT)
     def timm_vit(m: TimmViT) -> ModelPlan:
-        if m.attn_pool is not None:
-            raise UnsupportedModuleError("attn_pool: timm ViT with an attention-pool (MAP) head is not supported yet")
         npt = m.num_prefix_tokens
+        pe = m.patch_embed
+        if m.attn_pool is not None or (m.global_pool == "avg" and not isinstance(m.norm, nn.Identity)):
+            from .families import vit_spatial_plan
+
+            dyn = m.dynamic_img_size or not getattr(pe, "strict_img_size", True)
+            check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, "this timm ViT")
+            return vit_spatial_plan(m, check, _patch_grid(pe))
         if m.global_pool == "token":
             if npt < 1 or m.cls_token is None:
                 raise UnsupportedModuleError("timm ViT with global_pool='token' but no class token")
@@ -117,6 +137,36 @@ def _register() -> None:
             family="timm-vit", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
             post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
             readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid, check_input=check)
+
+    from timm.models.eva import Eva
+
+    @register_rule("model", Eva)
+    def timm_eva(m: Eva) -> ModelPlan:
+        """EVA / EVA-02: rotary embeddings live in the attention rule; readout as for timm ViT."""
+        if m.attn_pool is not None:
+            raise UnsupportedModuleError("attn_pool: EVA with an attention-pool (MAP) head is not supported yet")
+        if getattr(m, "patch_drop", None) is not None:
+            raise UnsupportedModuleError("patch_drop: EVA with patch dropout is not decomposed")
+        npt = m.num_prefix_tokens
+        if m.global_pool == "token":
+            if npt < 1 or m.cls_token is None:
+                raise UnsupportedModuleError("EVA with global_pool='token' but no class token")
+            pooling = Pooling("token", index=0)
+        elif m.global_pool == "avg":
+            if not isinstance(m.norm, nn.Identity):
+                raise UnsupportedModuleError("norm: per-token final norm followed by mean pooling is not supported for EVA")
+            pooling = Pooling("avg", start=npt)
+        else:
+            raise UnsupportedModuleError(f"EVA global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")
+        rule_for("scale", "head_drop", m.head_drop)
+        pe = m.patch_embed
+        check = _patch_check(pe) if (m.dynamic_img_size or not getattr(pe, "strict_img_size", True)) \
+            else _fixed_size_check(pe.img_size, "this timm EVA")
+        return ModelPlan(
+            family="timm-eva", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
+            post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
+            readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=_patch_grid(pe),
+            check_input=check)
 
     @register_rule("model", OcViT)
     def open_clip_vit(m: OcViT) -> ModelPlan:

@@ -1,0 +1,121 @@
+"""SigLIP attention-pool (MAP) readout and per-token-norm mean-pool readout: exactness and a
+hand-written formula for one head carried through the pool's frozen attention."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vitdecomp as vd
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+MODELS = ["vit_base_patch16_siglip_224", "vit_base_patch16_siglip_gap_224"]
+
+
+@functools.lru_cache(maxsize=None)
+def siglip(name: str, dtype=torch.float32, **kw):
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, embed_dim=64, depth=3, num_heads=4, img_size=64, **kw)
+    with torch.no_grad():                               # non-trivial norm affines, biases and latent
+        for n, p in m.named_parameters():
+            if "norm" in n or "bias" in n or "latent" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return m.to(dtype).eval()
+
+
+def images(dtype, size=(64, 64)):
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def upstream(m, x):
+    with torch.inference_mode():
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", MODELS)
+def test_siglip_reconstruction(name, dtype):
+    m, x = siglip(name, dtype), images(dtype)
+    z = upstream(m, x)
+    tok = "blocks.1.attn.head.1"
+    scale = float(z.norm(dim=-1).max())
+    for heads in (True, False):
+        for convention in ("centered", "uniform"):
+            d = vd.decompose(m, x, heads=heads, convention=convention, tokens=[tok] if heads else None)
+            assert torch.equal(d.readout, z), "readout must be the upstream output itself"
+            err = float(d.residual().max())
+            assert err <= TOL[dtype], (name, heads, convention, err)
+            if heads:
+                torch.testing.assert_close(d.tokens[tok].sum(1), d[tok], rtol=0, atol=TOL[dtype] * scale)
+                assert d.token_map(tok).shape == (2, 4, 4, 64)
+    if "gap" not in name:
+        assert d.names[-2] == "attn_pool.mlp"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_siglip_heads_sum_to_block(name):
+    m, x = siglip(name, torch.float64), images(torch.float64)
+    on, off = vd.decompose(m, x, convention="uniform"), vd.decompose(m, x, heads=False, convention="uniform")
+    for b in range(3):
+        idx = [k for k, c in enumerate(on.components) if c.kind == "head" and c.block == b]
+        torch.testing.assert_close(on.contributions[:, idx].sum(1), off[f"blocks.{b}.attn"], rtol=0, atol=1e-12)
+    # centered: MLPs and embed do not depend on the granularity
+    on, off = vd.decompose(m, x), vd.decompose(m, x, heads=False)
+    for c in off.components:
+        if c.kind in ("embed", "mlp"):
+            torch.testing.assert_close(on[c.name], off[c.name], rtol=0, atol=1e-12)
+
+
+def test_siglip_head_through_attention_pool_by_hand():
+    """c = Σ_p W_O,p W_v,p γ⊙C(Σ_n α_p[n] u[n]/σ_n), u[n] = head h's output at token n (every query)."""
+    m, x = siglip(MODELS[0], torch.float64), images(torch.float64)
+    block, h = 1, 2
+    blk, pool = m.blocks[block], m.attn_pool
+    seen = {}
+    hooks = [blk.register_forward_pre_hook(lambda mod, a: seen.__setitem__("x", a[0])),
+             m.norm.register_forward_pre_hook(lambda mod, a: seen.__setitem__("last", a[0]))]
+    with torch.inference_mode():
+        m.forward_features(x)
+    for hk in hooks:
+        hk.remove()
+    with torch.inference_mode():
+        a = blk.attn
+        y = blk.norm1(seen["x"])
+        D, H = y.shape[-1], a.num_heads
+        dh = D // H
+        qkv = y @ a.qkv.weight.T + a.qkv.bias
+        q, k, v = (qkv[..., i * D + h * dh:i * D + (h + 1) * dh] for i in range(3))
+        u = torch.softmax(q @ k.transpose(1, 2) / dh ** 0.5, -1) @ v @ a.proj.weight[:, h * dh:(h + 1) * dh].T
+        last, fn = seen["last"], m.norm
+        mu, var = last.mean(-1, keepdim=True), last.var(-1, unbiased=False, keepdim=True)
+        sig = torch.sqrt(var + fn.eps)
+        normed = fn.weight * (last - mu) / sig + fn.bias                  # = the pool's input
+        Hp, dp = pool.num_heads, pool.head_dim
+        qp = (pool.latent[0, 0] @ pool.q.weight.T + pool.q.bias).view(Hp, dp)
+        kp = (normed @ pool.kv.weight[:D].T + pool.kv.bias[:D]).view(*normed.shape[:2], Hp, dp)
+        alpha = torch.softmax(torch.einsum("pd,bnpd->bpn", qp, kp) / dp ** 0.5, -1)   # [B, Hp, N]
+        expect = 0
+        for p in range(Hp):
+            s = slice(p * dp, (p + 1) * dp)
+            pooled = torch.einsum("bn,bne->be", alpha[:, p] / sig[..., 0], u)
+            vp = (fn.weight * (pooled - pooled.mean(-1, keepdim=True))) @ pool.kv.weight[D:][s].T
+            expect = expect + vp @ pool.proj.weight[:, s].T
+    d = vd.decompose(m, x)
+    got = d[f"blocks.{block}.attn.head.{h}"]
+    assert float(expect.norm()) > 1e-3 * float(d.readout.norm())
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-11)
+
+
+def test_siglip_non_square_dynamic_size():
+    m = siglip(MODELS[0], torch.float64, dynamic_img_size=True)
+    x = images(torch.float64, (48, 80))
+    tok = "blocks.2.attn.head.0"
+    d = vd.decompose(m, x, tokens=[tok])
+    assert torch.equal(d.readout, upstream(m, x))
+    assert float(d.residual().max()) <= 1e-10
+    assert d.token_map(tok).shape == (2, 3, 5, 64)
+    # the token in row 1, column 3 is sequence position 1·5 + 3 (no prefix tokens)
+    assert torch.equal(d.token_map(tok)[:, 1, 3], d.tokens[tok][:, 8])
