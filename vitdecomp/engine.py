@@ -152,7 +152,7 @@ def _blocks_of(plan, blocks) -> list[int]:
         paths = [b[1] for b in plan.blocks]
         if blocks not in paths:
             import difflib
-            raise InputError(f"blocks={blocks!r} is not a block path of this model; close matches: "
+            raise InputError(f"blocks={blocks!r} is neither block indices nor a block path of this model; close matches: "
                              f"{difflib.get_close_matches(blocks, paths, n=3) or paths[:3]}")
         blocks = range(paths.index(blocks), len(paths))
     return select_blocks(len(plan.blocks), blocks)
