@@ -245,3 +245,13 @@ def test_zero_shot_head_is_the_class_texts(world, tmp_path):
     y = np.array([["warm", "cool"].index(v) for v in world["cols"]["label"]])
     base = float(((world["c"].sum(1) @ T.T).argmax(1) == y).mean())
     assert r["rows"][0]["accuracy"] == pytest.approx(base, abs=1e-9)
+
+
+def test_ablate_fits_its_probe_on_other_rows(world, tmp_path):
+    r = run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "p"), label_column="label", head="probe",
+                             split_column="split", eval_split=["test"], kinds=["mlp"]))
+    assert r["head"].kind == "probe" and r["head"].meta["rows"] == 400          # fitted on the val rows only
+    assert (tmp_path / "p" / "probe.safetensors").exists() and r["summary"]["images"] == 400
+    with pytest.raises(InputError, match="rows of its own"):
+        run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "q"), label_column="label", head="probe",
+                             split_column="split", eval_split=["test"], fit_split=["test"]))

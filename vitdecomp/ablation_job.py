@@ -35,6 +35,7 @@ class HeadOptions:
 @dataclass
 class AblateJob(HeadOptions):
     eval_split: Optional[list] = None
+    fit_split: Optional[list] = None
     order: str = "reverse"
     kinds: Optional[list] = None
 
@@ -102,6 +103,12 @@ def build_head(st, job: HeadOptions, aligner, fit_ids=None):
     raise InputError(f"--head must be zeroshot, probe or model, got {kind!r}")
 
 
+def _needs_probe_fit(st, job: HeadOptions, aligner) -> bool:
+    is_clip = st.manifest["model"]["readout"]["space"] == "clip" and st.manifest["model"]["name"].startswith("open_clip:")
+    kind = job.head or ("zeroshot" if (is_clip or aligner is not None) else "probe")
+    return kind == "probe" and not job.probe
+
+
 def _open(job: HeadOptions):
     from .compalign import Aligner
     from .storage import open_store
@@ -133,8 +140,22 @@ def run_ablate(job: AblateJob) -> dict:
     from .ablation import ablation_curves, plot_curves, select_ids
 
     st, aligner = _open(job)
+    if job.split_column and not job.eval_split:
+        raise InputError("with --split-column give --eval-split (the rows whose accuracy the curves show)")
     ids = select_ids(st, job.split_column, job.eval_split) if job.split_column else None
-    head = build_head(st, job, aligner, fit_ids=ids)
+    fit_ids = None
+    if _needs_probe_fit(st, job, aligner):
+        # a probe is never fitted on the rows it is evaluated on
+        if job.split_column:
+            fit_ids = select_ids(st, job.split_column, job.fit_split) if job.fit_split else \
+                sorted(set(st.ids()) - set(ids))
+        else:
+            fit_ids = select_ids(st, None, None, holdout=False)
+            ids = select_ids(st, None, None, holdout=True)
+        if not fit_ids or set(fit_ids) & set(ids):
+            raise InputError("the probe needs rows of its own: give --fit-split (disjoint from --eval-split) or "
+                             "a fitted --probe")
+    head = build_head(st, job, aligner, fit_ids=fit_ids)
     table, rows, n = ablation_curves(st, head, job.label_column, ids=ids, aligner=aligner, order=job.order,
                                      kinds=job.kinds or ("all", "attn", "mlp"))
     pq.write_table(table, os.path.join(job.out, "ablation.parquet"))
@@ -283,7 +304,7 @@ HELP = {
     "split_column": "store column naming each row's split (default: a hash split of the ids)",
     "eval_split": "values of --split-column where accuracy is measured",
     "fit_split": "values of --split-column where components are ranked and means taken (mitigate), or the "
-                 "probe is fitted",
+                 "probe is fitted (default for ablate: every row outside --eval-split)",
     "order": "ablate: cumulative order, reverse (from the last layer) or forward",
     "kinds": "ablate: component kinds with a curve each (all attn mlp conv)",
     "group_column": "mitigate: the spurious attribute (groups are label × this column)",
