@@ -119,3 +119,12 @@ def test_siglip_non_square_dynamic_size():
     assert d.token_map(tok).shape == (2, 3, 5, 64)
     # the token in row 1, column 3 is sequence position 1·5 + 3 (no prefix tokens)
     assert torch.equal(d.token_map(tok)[:, 1, 3], d.tokens[tok][:, 8])
+
+
+def test_pool_heads_view_sums_to_the_readout():
+    """Second view: z = Σ_p (pool head p's output) + b_O + attn_pool.mlp (fc_norm is the identity)."""
+    m, x = siglip(MODELS[0], torch.float64), images(torch.float64)
+    d = vd.decompose(m, x)
+    assert d.pool_heads.shape == (2, 4, 64)
+    recon = d.pool_heads.sum(1) + m.attn_pool.proj.bias + d["attn_pool.mlp"]
+    torch.testing.assert_close(recon, d.readout, rtol=0, atol=1e-12)

@@ -34,6 +34,11 @@ class Decomposition:
     ``contributions [B, K, d]`` (float32, or float64 for a float64 model) sum over ``K`` to
     ``readout [B, d]``, the upstream model's own output. ``tokens[name]`` is ``[B, N, d]`` over all
     ``N`` sequence positions (prefix tokens first) and sums over ``N`` to ``self[name]``.
+
+    ``pool_heads [B, Hp, d]`` (attention-pool readouts, SigLIP): a second, coarser view of the same
+    readout — the pool's attention output per pool head (values of the real last stream, value bias
+    included), carried through the linear part of the readout chain. With the pool's
+    out-projection bias and ``attn_pool.mlp`` they sum to the readout (before the chain's offsets).
     """
 
     names: list[str]
@@ -47,6 +52,7 @@ class Decomposition:
     grid: tuple[int, int]
     diagnostics: dict = field(default_factory=dict)
     token_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pool_heads: Optional[Tensor] = None
 
     def index(self, name: str) -> int:
         return N.select(self.names, [name])[0]
@@ -171,16 +177,24 @@ def components_for(model, blocks: Optional[Union[Iterable[int], str]] = None, he
     return component_list(plan, _blocks_of(plan, blocks), heads)
 
 
-def _offset_weights(components: list[Component], convention: str, heads_per_block: dict[int, int],
-                    dtype, device) -> Tensor:
-    """``w [K]``, Σ w = 1: who receives input-independent offsets (β, biases, uniform mean share)."""
+def _offset_weights(components: list[Component], convention: str, heads_per_block: Optional[dict] = None,
+                    dtype=torch.float32, device=None) -> Tensor:
+    """``w [K]``, Σ w = 1: who receives input-independent offsets (β, biases, uniform mean share).
+
+    ``uniform``: every layer-level slot (embedding, attention layer, MLP, conv branch) gets ``1/K``;
+    an attention layer's share is split evenly over its heads (counted per attention path, so
+    blocks with two attention layers — MaxViT — are two slots).
+    """
     if convention == "centered":
         w = [1.0 if c.kind == "bias" else 0.0 for c in components]
     else:
-        slots = sum(c.kind in ("embed", "attn", "mlp") for c in components) + \
-            len({c.block for c in components if c.kind == "head"})
+        heads_per_path: dict[str, int] = {}
+        for c in components:
+            if c.kind == "head":
+                heads_per_path[c.path] = heads_per_path.get(c.path, 0) + 1
+        slots = sum(c.kind in ("embed", "attn", "mlp", "conv") for c in components) + len(heads_per_path)
         w = [0.0 if c.kind == "bias" else
-             1.0 / (slots * heads_per_block[c.block]) if c.kind == "head" else 1.0 / slots
+             1.0 / (slots * heads_per_path[c.path]) if c.kind == "head" else 1.0 / slots
              for c in components]
     return torch.tensor(w, dtype=dtype, device=device)
 
@@ -420,7 +434,9 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
                 bias = bias + bv
             for h in range(H):
                 values[N.head_name(u.name, h)] = hv[:, h]
-            real = maps.lin(u.level, pool_positions(W[u.level], x @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
+            # the unsplit out-projection of the same pooled input (checks the head split itself; the
+            # branch's real output is checked by the reconstruction of z)
+            real = maps.lin(u.level, (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
             diag["head_sum_error"][u.name] = float(((hv.sum(1) + (0 if convention == "uniform" else bv) - real).norm(dim=-1)
                                                     / real.norm(dim=-1).clamp_min(1e-30)).max())
             for h in wanted.get(u.name, []):
@@ -451,6 +467,7 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
         if convention == "uniform":
             t = t + (extra + w[k] * maps.offset)[:, None] / n
         tok[name] = (t, w[k].expand(n) / n)
+    ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
     for op in maps.post:
         if op.spec is not None:
             m, total = norm_map(op.spec, total, convention)
@@ -458,10 +475,12 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
             m, total = matrix_map(op.weight, op.bias, total)
         stack = apply_map(m, stack, w)
         tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
+        ph = m.linear(ph) if ph is not None else None
     if normalize:
         scale = 1.0 / z.norm(dim=-1)
         stack = stack * scale[:, None, None]
         tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
+        ph = ph * scale[:, None, None] if ph is not None else None
         z = z * scale[:, None]
     diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
     grids = plan.grids(hw)
@@ -471,4 +490,5 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
     return Decomposition(
         names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
         tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
-        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[last], diagnostics=diag, token_grids=token_grids)
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[last], diagnostics=diag, token_grids=token_grids,
+        pool_heads=ph)

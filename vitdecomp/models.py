@@ -67,6 +67,27 @@ class LoadedModel:
         return tuple(self.preprocess.get("input_size", (3, 224, 224))[-2:])
 
 
+def _timm_pool(model: nn.Module) -> str:
+    """How a timm model pools its tokens into the readout (``Readout.pool``)."""
+    gp = getattr(model, "global_pool", "avg")
+    if getattr(model, "attn_pool", None) is not None or gp == "map":
+        return "attn_pool"                              # SigLIP MAP head: a latent query over all tokens
+    if gp == "token":
+        return "token[0]"
+    npt = getattr(model, "num_prefix_tokens", None)
+    if npt is None:                                     # Swin, MaxViT: mean over the last stage's grid
+        return "mean[grid]"
+    if not isinstance(getattr(model, "norm", nn.Identity()), nn.Identity):
+        return f"mean[{npt}:] of normed tokens"
+    return f"mean[{npt}:]"
+
+
+def _timm_readout_dim(model: nn.Module) -> int:
+    """Size of ``z``: MaxViT's readout is its head's ``pre_logits`` output (``head_hidden_size``)."""
+    fc = getattr(getattr(getattr(model, "head", None), "pre_logits", None), "fc", None)
+    return int(fc.out_features) if isinstance(fc, nn.Linear) else int(model.num_features)
+
+
 def parse_name(name: str) -> tuple[str, str]:
     """``"timm:vit_base_patch16_224"`` → ``("timm", "vit_base_patch16_224")``."""
     lib, sep, arch = name.partition(":")
@@ -189,8 +210,8 @@ def load_model(
             model.load_state_dict(load_state_dict(checkpoint))
         cfg = resolve_data_config({}, model=model)
         transform = create_transform(**cfg, is_training=False)
-        pool = "token[0]" if model.global_pool == "token" else f"mean[{model.num_prefix_tokens}:]"
-        readout = Readout("pre_logits", pool, model.num_features, "clip" if "clip" in base else "features")
+        readout = Readout("pre_logits", _timm_pool(model), _timm_readout_dim(model),
+                          "clip" if "clip" in base else "features")
         preprocess = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
         tokenizer = None
     else:
@@ -232,7 +253,62 @@ TEST_MODELS = (
     "open_clip:ViT-S-16",
 )
 
+# Newer and hierarchical families: random-initialised stand-ins built with reduced sizes (these
+# `model_kwargs` keep the tests fast); `tests/test_families_*.py` cover them.
+FAMILY_TEST_MODELS = {
+    "timm:eva02_tiny_patch14_224": dict(depth=3, img_size=56),
+    "timm:vit_base_patch16_siglip_224": dict(embed_dim=64, depth=3, num_heads=4, img_size=64),
+    "timm:swin_tiny_patch4_window7_224": dict(embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4)),
+    "timm:maxvit_tiny_tf_224": dict(embed_dim=(32, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16,
+                                    head_hidden_size=64, img_size=128, transformer_dim_head=16),
+}
+
 
 def supported_models() -> tuple[str, ...]:
     """Small random-init stand-ins of every supported family (for tests and benchmarks)."""
     return TEST_MODELS
+
+
+@dataclass(frozen=True)
+class ReferenceLayout:
+    """A published component set: ``model`` (+ ``pretrained`` tag) decomposed with ``blocks`` and ``heads``.
+
+    ``blocks`` is a range of block indices or the module path of the first decomposed block (earlier
+    blocks fold into ``embed``); ``counts`` is what :func:`vitdecomp.components_for` returns, by kind.
+    """
+
+    model: str
+    pretrained: Optional[str]
+    blocks: object
+    heads: bool
+    counts: dict
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`vitdecomp.decompose` / :func:`vitdecomp.components_for`."""
+        return {"blocks": self.blocks, "heads": self.heads}
+
+
+# The component sets of the ViT decomposition paper (RepDecompose / CompAlign experiments), so
+# published experiments can be rerun with real weights. ViT-B-sized towers decompose blocks 7–11.
+REFERENCE_LAYOUTS = {
+    "deit_b": ReferenceLayout("timm:deit_base_patch16_224", "fb_in1k", range(7, 12), True,
+                              {"embed": 1, "head": 60, "mlp": 5, "bias": 1}),
+    "dino_b": ReferenceLayout("timm:vit_base_patch16_224", "dino", range(7, 12), True,
+                              {"embed": 1, "head": 60, "mlp": 5, "bias": 1}),
+    "dinov2_b": ReferenceLayout("timm:vit_base_patch14_dinov2", "lvd142m", range(7, 12), True,
+                                {"embed": 1, "head": 60, "mlp": 5, "bias": 1}),
+    "clip_b16": ReferenceLayout("open_clip:ViT-B-16", "laion2b_s34b_b88k", range(7, 12), True,
+                                {"embed": 1, "head": 60, "mlp": 5, "bias": 1}),
+    "swin_b": ReferenceLayout("timm:swin_base_patch4_window7_224", "ms_in22k_ft_in1k", "layers.2.blocks.14", True,
+                              {"embed": 1, "head": 128, "mlp": 6, "bias": 1}),
+    "maxvit_s": ReferenceLayout("timm:maxvit_small_tf_224", "in1k", "stages.2.blocks.3", True,
+                                {"embed": 1, "conv": 4, "head": 144, "mlp": 8, "bias": 1}),
+}
+
+
+def reference_layout(key: str) -> ReferenceLayout:
+    """One of :data:`REFERENCE_LAYOUTS` (``deit_b``, ``dino_b``, ``dinov2_b``, ``clip_b16``, ``swin_b``, ``maxvit_s``)."""
+    if key not in REFERENCE_LAYOUTS:
+        raise UnknownModelError(_suggest("reference layout", key, list(REFERENCE_LAYOUTS)) +
+                                f"; known: {list(REFERENCE_LAYOUTS)}")
+    return REFERENCE_LAYOUTS[key]

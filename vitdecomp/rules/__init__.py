@@ -62,4 +62,4 @@ def list_rules(role: str) -> list[str]:
 
 
 # Import the rule modules so that their registrations run.
-from . import affine, attention, blocks, models  # noqa: E402,F401
+from . import affine, attention, blocks, models, families  # noqa: E402,F401

@@ -63,7 +63,8 @@ class ReadoutMaps:
     shared norm means) that reaches the pre-``post`` readout and belongs to no unit;
     ``extra``: components living after the last stream (SigLIP's pool MLP): name → ``[B, d]``;
     ``total [B, d]``: the real pre-``post`` readout, for the diagnostics; ``post``: affine chain on
-    the pooled readout (norms with frozen statistics, linear maps), as :class:`PostOp`.
+    the pooled readout (norms with frozen statistics, linear maps), as :class:`PostOp`;
+    ``pool_heads [B, Hp, d]``: an attention pool's per-head outputs (a second view of the readout).
     """
 
     weights: dict[int, Tensor]
@@ -72,6 +73,7 @@ class ReadoutMaps:
     total: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
     post: list = field(default_factory=list)
+    pool_heads: Optional[Tensor] = None
 
 
 @dataclass
