@@ -480,11 +480,11 @@ def print_toyworld(r: dict) -> None:
         worst = [run[key]["worst"] for run in r["runs"]]
         mean = [run[key]["mean"] for run in r["runs"]]
         groups = r["runs"][0][key]["groups"]
-        print(f"    {key:<9s} worst-group {np.mean(worst):.3f} ± {np.std(worst):.3f}   mean-group {np.mean(mean):.3f}   "
+        print(f"    {key.replace('top', 'signed'):<14s} worst-group {np.mean(worst):.3f} ± {np.std(worst):.3f}   mean-group {np.mean(mean):.3f}   "
               f"(seed 0: " + ", ".join(f"{g} {a:.2f}" for g, a in groups.items()) + ")")
     for k in r["ks"]:
         gain = [run[f"top{k}"]["worst"] - run["before"]["worst"] for run in r["runs"]]
-        print(f"    top-{k} ablation changes worst-group by {np.mean(gain) * 100:+.1f} points "
+        print(f"    signed top-{k} ablation changes worst-group by {np.mean(gain) * 100:+.1f} points "
               f"(per seed: {', '.join(f'{g * 100:+.1f}' for g in gain)}); target +10")
         print(f"      ablated (seed 0): {', '.join(r['runs'][0][f'top{k}']['ablated'])}")
     print("  TextSpan on the tiny CLIP's heads (test split): first texts and their attribute")
