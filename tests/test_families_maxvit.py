@@ -163,3 +163,44 @@ def test_maxvit_blocks_from_path():
     part = vd.decompose(m, x, blocks="stages.2.blocks.1")
     assert part.names[1] == "stages.2.blocks.1.conv" and float(part.residual().max()) <= 1e-10
     torch.testing.assert_close(part["stages.3.blocks.0.conv"], full["stages.3.blocks.0.conv"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_maxvit_rw_per_position_final_norm(dtype):
+    """``rw`` variants: LayerNorm2d on every position, then a plain mean-pool head (rel-pos MLP bias)."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, img_size=128).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or "bias" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    m = m.to(dtype)
+    x = images(dtype)
+    z = upstream(m, x)
+    tok = "stages.1.blocks.0.attn_grid.attn.head.1"
+    for convention in ("centered", "uniform"):
+        for heads in (True, False):
+            d = vd.decompose(m, x, heads=heads, convention=convention, tokens=[tok] if heads else None)
+            assert torch.equal(d.readout, z)
+            assert float(d.residual().max()) <= TOL[dtype], (convention, heads)
+            if heads:
+                torch.testing.assert_close(d.tokens[tok].sum(1), d[tok], rtol=0,
+                                           atol=TOL[dtype] * float(z.norm(dim=-1).max()))
+
+
+@pytest.mark.parametrize("name,pattern", [
+    ("coatnet_nano_rw_224", r"stages\.0\.blocks\.0: MbConvBlock is not timm's MaxxVitBlock"),
+    ("maxxvitv2_nano_rw_256", r"stages\.0\.blocks\.0\.conv: ConvNeXtBlock is not an MbConvBlock"),
+    ("swinv2_tiny_window8_256", r"no model rule for .*SwinTransformerV2"),
+])
+def test_unsupported_variants_are_refused_with_their_path(name, pattern):
+    import timm
+
+    from vitdecomp.errors import UnsupportedModuleError
+
+    with torch.device("meta"):
+        m = timm.create_model(name)
+    with pytest.raises(UnsupportedModuleError, match=pattern):
+        vd.components_for(m)

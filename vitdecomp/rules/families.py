@@ -388,7 +388,9 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
 
     Readout: the head's pooled, normed feature up to its last affine operation, i.e.
     ``z = W_pre · LN(mean_n x[n]) + b_pre`` — the input of ``head.pre_logits.act`` (tanh) when the head
-    has a ``pre_logits`` layer, else the normed pooled vector (what the classifier consumes).
+    has a ``pre_logits`` layer, else the normed pooled vector (what the classifier consumes). The
+    ``rw`` variants normalise every position before a plain mean-pool head instead (``norm``, frozen
+    per-position σ, like Swin's final norm).
     """
     from timm.layers import LayerNorm2d
     from timm.models.maxxvit import (AttentionCl, Downsample2d, MaxxVitBlock, MbConvBlock, PartitionAttentionCl,
@@ -397,16 +399,16 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
     head = m.head
     if getattr(getattr(head, "global_pool", None), "pool_type", None) != "avg":
         raise UnsupportedModuleError("head.global_pool: only mean pooling is a linear readout for MaxViT")
-    if not isinstance(m.norm, nn.Identity):
-        raise UnsupportedModuleError("norm: a per-position final norm before the MaxViT head is not supported yet")
-    hnorm = getattr(head, "norm", nn.Identity())
-    if isinstance(hnorm, LayerNorm2d):
-        nspec = NormSpec("layernorm", hnorm.weight, hnorm.bias, float(hnorm.eps))
-    else:
-        nspec = _ln("head.norm", hnorm)
+    def spec2d(path: str, mod: nn.Module) -> NormSpec:
+        if isinstance(mod, LayerNorm2d):          # LayerNorm over channels of an NCHW map
+            return NormSpec("layernorm", mod.weight, mod.bias, float(mod.eps))
+        return _ln(path, mod)
+
+    final = None if isinstance(m.norm, nn.Identity) else spec2d("norm", m.norm)   # per-position (rw variants)
+    hnorm = getattr(head, "norm", None)
     from .models import PostOp
 
-    post = [PostOp("head.norm", spec=nspec)]
+    post = [PostOp("head.norm", spec=spec2d("head.norm", hnorm))] if hnorm is not None else []
     pre = getattr(head, "pre_logits", nn.Identity())
     fc = getattr(pre, "fc", None)
     if fc is not None:
@@ -465,9 +467,10 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
     L = level
 
     def readout(x: Tensor) -> Tensor:
+        if fc is None:                                # the head's pre_logits output is affine already
+            return m.forward_head(m.forward_features(x), pre_logits=True).flatten(1)
         out = {}
-        target = fc if fc is not None else hnorm
-        h = target.register_forward_hook(_store_output(out, "z", lambda t: t.flatten(1)))
+        h = fc.register_forward_hook(_store_output(out, "z", lambda t: t.flatten(1)))
         try:
             m.forward_head(m.forward_features(x), pre_logits=True)
         finally:
@@ -475,10 +478,12 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         return out["z"]
 
     def hooks(store):
-        hs = [hnorm.register_forward_pre_hook(_store_input(store, "head_in", lambda t: t.flatten(1))),
+        hs = [head.global_pool.register_forward_hook(_store_output(store, "head_in", lambda t: t.flatten(1))),
               m.stages[-1].register_forward_hook(_store_output(store, "level_hw.last", lambda t: tuple(t.shape[2:])))]
         for lvl, (_, sc) in shortcuts.items():
             hs.append(sc.register_forward_pre_hook(_store_input(store, f"level_hw.{lvl - 1}", lambda t: tuple(t.shape[2:]))))
+        if final is not None:
+            hs.append(m.norm.register_forward_pre_hook(_store_input(store, "final_in", _nchw_seq)))
         return hs
 
     def finalize(store, convention, first) -> ReadoutMaps:
@@ -494,6 +499,22 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
                 if lvl in shortcuts else maps2d[lvl]
         B = total.shape[0]
         weights = {lvl: w.reshape(1, 1, -1).expand(B, 1, -1) for lvl, w in maps2d.items()}
+        offset = torch.zeros(B, total.shape[1], dtype=dt, device=dev)
+        if final is not None:                         # per-position final norm: weights scale by 1/σ_n
+            xf = store["final_in"].to(dt)
+            mu, sig = ln_stats(xf, final)
+            offset = offset + norm_offset(final, mu / sig, convention).mean(1)
+            inv = 1.0 / sig[..., 0]                   # [B, N_L]
+            # static weights stay per level; the final σ enters through the last level's weights
+            # and, for earlier levels, through the adjoint of the poolings applied per image
+            wl = {L: maps2d[L].reshape(1, -1) * inv}
+            for lvl in range(L, first, -1):
+                if lvl in shortcuts:
+                    wl[lvl - 1] = torch.stack([_pool_adjoint(shortcuts[lvl][1].pool, wl[lvl][b].view(grid[lvl]),
+                                                             grid[lvl - 1]).reshape(-1) for b in range(B)])
+                else:
+                    wl[lvl - 1] = wl[lvl]
+            weights = {lvl: w[:, None] for lvl, w in wl.items()}
 
         def expand_w(lvl):
             ex = shortcuts[lvl][1].expand
@@ -503,9 +524,8 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
             for nxt in range(lvl + 1, L + 1):
                 if nxt in shortcuts and expand_w(nxt) is not None:
                     P = P @ expand_w(nxt).to(P.dtype).T
-            return P[:, :, 0]
+            return P[:, :, 0] if final is None else norm_linear(final, P[:, :, 0], convention)
 
-        offset = torch.zeros(B, total.shape[1], dtype=dt, device=dev)
         for lvl in range(first + 1, L + 1):
             ex = shortcuts[lvl][1].expand if lvl in shortcuts else None
             if ex is not None and not isinstance(ex, nn.Identity) and ex.bias is not None:
