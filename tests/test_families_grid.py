@@ -55,3 +55,22 @@ def test_reference_layouts_give_the_published_component_sets(key):
         m = timm.create_model(lay.model.split(":", 1)[1], pretrained=False)
     comps = vd.components_for(m, **lay.kwargs())
     assert dict(Counter(c.kind for c in comps)) == lay.counts
+
+
+@pytest.mark.parametrize("name", ["timm:eva02_tiny_patch14_224", "timm:maxvit_tiny_tf_224"])
+def test_family_stand_ins_load_with_their_own_preprocessing(name):
+    """``load_model(name, **FAMILY_TEST_MODELS[name])``: the transform produces the size the model was
+    built for, and the decomposition of a transformed image is exact."""
+    import numpy as np
+    from PIL import Image
+
+    from vitdecomp.models import FAMILY_TEST_MODELS
+
+    torch.manual_seed(0)
+    lm = vd.load_model(name, dtype=torch.float64, **FAMILY_TEST_MODELS[name])
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 240, 3), dtype=np.uint8))
+    x = lm.transform(img)[None].double()
+    size = FAMILY_TEST_MODELS[name]["img_size"]
+    assert tuple(x.shape[-2:]) == tuple(lm.image_size) == (size, size)
+    d = vd.decompose(lm, x)
+    assert float(d.residual().max()) <= 1e-10

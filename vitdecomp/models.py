@@ -209,6 +209,9 @@ def load_model(
         if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         cfg = resolve_data_config({}, model=model)
+        if model_kwargs.get("img_size") is not None:      # a model built for another size: preprocess for it
+            size = model_kwargs["img_size"]
+            cfg["input_size"] = (3, *((size, size) if isinstance(size, int) else tuple(size)))
         transform = create_transform(**cfg, is_training=False)
         readout = Readout("pre_logits", _timm_pool(model), _timm_readout_dim(model),
                           "clip" if "clip" in base else "features")
