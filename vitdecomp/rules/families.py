@@ -11,7 +11,7 @@ from ..errors import InputError, UnsupportedModuleError
 from . import rule_for
 from .affine import NormSpec
 from .blocks import _gain
-from .spatial import ReadoutMaps, SpatialPlan, Unit, center, ln_stats, norm_linear, norm_offset
+from .spatial import ReadoutMaps, SpatialPlan, Unit, ln_stats, norm_linear, norm_offset
 
 
 def _store_input(store: dict, key: str, convert=lambda t: t):
