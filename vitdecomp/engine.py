@@ -33,7 +33,10 @@ class Decomposition:
 
     ``contributions [B, K, d]`` (float32, or float64 for a float64 model) sum over ``K`` to
     ``readout [B, d]``, the upstream model's own output. ``tokens[name]`` is ``[B, N, d]`` over all
-    ``N`` sequence positions (prefix tokens first) and sums over ``N`` to ``self[name]``.
+    ``N`` sequence positions (prefix tokens first) and sums over ``N`` to ``self[name]``: source
+    tokens of the readout query for CLS/mean-pooled ViTs; for per-position readouts (attention
+    pool, Swin, MaxViT) the head's direct effect at each position of its stream, ``N = gh·gw`` of its
+    stage in image coordinates (``token_grids[name]``), see :meth:`token_map`.
 
     ``pool_heads [B, Hp, d]`` (attention-pool readouts, SigLIP): a second, coarser view of the same
     readout — the pool's attention output per pool head (values of the real last stream, value bias
