@@ -255,3 +255,14 @@ def test_ablate_fits_its_probe_on_other_rows(world, tmp_path):
     with pytest.raises(InputError, match="rows of its own"):
         run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "q"), label_column="label", head="probe",
                              split_column="split", eval_split=["test"], fit_split=["test"]))
+
+
+def test_waterbirds_lists_are_known_by_name(tmp_path):
+    from vitdecomp.compattribute import DEFAULT_PROPERTIES, named_properties, read_properties
+
+    p = named_properties(None)
+    assert p["Waterbirds core"][:2] == ["bird", "finch"] and len(p["Waterbirds spurious"]) == 9
+    assert set(read_properties(None)) == set(DEFAULT_PROPERTIES)            # not scored by default
+    f = tmp_path / "p.yaml"
+    f.write_text("Waterbirds core: [duck]\n")
+    assert named_properties(str(f))["Waterbirds core"] == ["duck"]           # a user file overrides

@@ -185,7 +185,7 @@ def run_mitigate(job: MitigateJob) -> dict:
     import pyarrow.parquet as pq
 
     from .ablation import mitigate, plot_mitigation, rows_of, select_ids, signed_push, component_means, _check_column
-    from .compattribute import compattribute, read_properties
+    from .compattribute import compattribute, named_properties
     from .fit_job import resolve_text_model
 
     st, aligner = _open(job)
@@ -215,7 +215,7 @@ def run_mitigate(job: MitigateJob) -> dict:
     if job.ranking == "compattribute":
         if not (job.spurious and job.core):
             raise InputError("--spurious and --core name the two properties (defaults or from --properties)")
-        props = read_properties(job.properties)
+        props = named_properties(job.properties)
         missing = [p for p in (job.spurious, job.core) if p not in props]
         if missing:
             raise InputError(f"unknown properties {missing}; known: {sorted(props)} (add your own with --properties)")
@@ -308,8 +308,8 @@ HELP = {
     "order": "ablate: cumulative order, reverse (from the last layer) or forward",
     "kinds": "ablate: component kinds with a curve each (all attn mlp conv)",
     "group_column": "mitigate: the spurious attribute (groups are label × this column)",
-    "spurious": "mitigate: the spurious property's name (e.g. 'Waterbirds spurious' or one from --properties)",
-    "core": "mitigate: the core property's name",
+    "spurious": "mitigate: the spurious property's name (a default, 'Waterbirds spurious', or one from --properties)",
+    "core": "mitigate: the core property's name (e.g. 'Waterbirds core')",
     "properties": "YAML/JSON name: [descriptions…] added to the defaults",
     "k": "mitigate: how many components to mean-ablate (default 10)",
     "ranking": "mitigate: compattribute (SPEC §7: spurious − core) or signed (SPEC §8: signed logit push towards the "

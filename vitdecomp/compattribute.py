@@ -29,6 +29,20 @@ DEFAULT_PROPERTIES = {
 }
 
 
+# SPEC §6's Waterbirds word lists: known by name (``query mitigate --spurious "Waterbirds spurious"``),
+# not scored by default
+WATERBIRDS = {
+    "Waterbirds spurious": ["water", "ocean", "lake", "sky", "land", "forest", "trees", "bamboo", "leaves"],
+    "Waterbirds core": ["bird", "finch", "hummingbird", "crow", "sparrow", "swan", "albatross", "pelican"],
+}
+
+
+def named_properties(path: Optional[str]) -> dict[str, list[str]]:
+    """Every property known by name: the defaults, SPEC §6's Waterbirds lists and the user's file."""
+    props = read_properties(path)
+    return {**props, **{k: v for k, v in WATERBIRDS.items() if k not in props}}
+
+
 def basis(embeddings: np.ndarray) -> np.ndarray:
     """Rows: orthonormal basis of the description embeddings ``[p, d]`` (reduced QR, given order)."""
     q, r = np.linalg.qr(np.asarray(embeddings, np.float64).T)
