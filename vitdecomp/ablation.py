@@ -110,7 +110,7 @@ def model_head(st, checkpoint: Optional[str] = None, class_names: Optional[Seque
     """The model's own linear classifier on its readout (timm ``get_classifier()``)."""
     from torch import nn
 
-    from .heatmaps import rebuild_model
+    from .models import rebuild_model
 
     lm = rebuild_model(st.manifest, checkpoint)
     head = lm.model.get_classifier() if hasattr(lm.model, "get_classifier") else None

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from . import names as N
 from .errors import InputError
+from .models import rebuild_model  # noqa: F401  (re-exported: the store's model, checked)
 
 log = logging.getLogger(__name__)
 
@@ -324,36 +325,6 @@ def grid_png(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: 
 
 
 # ------------------------------------------------------------------------------- job pieces
-def rebuild_model(manifest: dict, checkpoint: Optional[str] = None, device: str = "cpu"):
-    """The store's model exactly as the decompose job built it (weights tag or checkpoint with the
-    recorded SHA-256; random-init models from ``torch.manual_seed(0)``) — same preprocessing."""
-    import vitdecomp as vd
-    from .models import sha256_file
-
-    mm = manifest["model"]
-    want_sha = mm.get("checkpoint_sha256")
-    if want_sha and not checkpoint:
-        raise InputError(f"the store was made with the checkpoint {mm.get('checkpoint')!r} "
-                         f"(SHA-256 {want_sha[:12]}…): pass its path with --checkpoint")
-    if checkpoint and not want_sha:
-        raise InputError(f"the store was made without a checkpoint ({mm['name']}, weights "
-                         f"{mm.get('pretrained') or 'random init, seed 0'}); drop --checkpoint")
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise InputError(f"--checkpoint {checkpoint!r} does not exist")
-        got = sha256_file(checkpoint)
-        if got != want_sha:
-            raise InputError(f"--checkpoint {checkpoint!r} (SHA-256 {got[:12]}…) is not the checkpoint the store was "
-                             f"made with ({mm.get('checkpoint')!r}, SHA-256 {want_sha[:12]}…)")
-    torch.manual_seed(0)                   # as DecomposeWorker: random-init models are built from seed 0
-    lm = vd.load_model(mm["name"], pretrained=mm.get("pretrained") or False, checkpoint=checkpoint, device=device)
-    if json.dumps(lm.preprocess, sort_keys=True) != json.dumps(manifest.get("preprocess"), sort_keys=True):
-        raise InputError(f"the rebuilt {mm['name']} preprocesses images differently from the store "
-                         f"({lm.preprocess} vs {manifest.get('preprocess')}): the installed timm/open_clip "
-                         "differ from the ones that made the store")
-    return lm
-
-
 def read_image(uri: str, s3=None):
     """A source image as RGB PIL (local path, s3://, or a WebDataset member ``shard.tar#key``)."""
     import tarfile
@@ -732,7 +703,7 @@ def run_heatmap(job: HeatmapJob) -> dict:
 
 
 def _write_report_section(out: str, meta: dict, grid_path: str, has_masks: bool) -> None:
-    """Hand the run to the HTML report (``vitdecomp.report`` when present, else a sidecar JSON)."""
+    """The run's section of ``out/report.html``."""
     title = "Token heatmaps" + (" and zero-shot segmentation" if has_masks else "")
     summary = (f"{' + '.join(meta['components'])} of {meta['model']} projected on {meta['target']}, "
                f"per patch ({meta['grid'][0]}x{meta['grid'][1]}), upsampled and overlaid on {meta['images']} images.")
@@ -747,19 +718,7 @@ def _write_report_section(out: str, meta: dict, grid_path: str, has_masks: bool)
         tables.append({"path": "segmentation.parquet", "caption": "per-image segmentation metrics, mean and pooled",
                        "max_rows": 40})
     images = [{"path": os.path.relpath(grid_path, out), "caption": "image | heatmap overlay"}]
-    try:
-        from . import report  # noqa: F401  -- written by another part of the project
-    except ImportError:
-        report = None
-    if report is not None and hasattr(report, "write_section"):
-        try:
-            report.write_section(out, "heatmap", title, order=60, summary=summary, facts=facts, images=images,
-                                 tables=tables)
-            if hasattr(report, "write_report"):
-                report.write_report(out)
-            return
-        except TypeError as e:
-            log.warning("report.write_section has another signature (%s); writing heatmap.section.json", e)
-    with open(os.path.join(out, "heatmap.section.json"), "w") as f:
-        json.dump({"name": "heatmap", "title": title, "order": 60, "summary": summary, "facts": facts,
-                   "images": images, "tables": tables}, f, indent=2)
+    from .report import write_report, write_section
+
+    write_section(out, "heatmap", title, order=60, summary=summary, facts=facts, images=images, tables=tables)
+    write_report(out)

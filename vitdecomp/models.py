@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .errors import UnknownModelError
+from .errors import InputError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -315,3 +316,30 @@ def reference_layout(key: str) -> ReferenceLayout:
         raise UnknownModelError(_suggest("reference layout", key, list(REFERENCE_LAYOUTS)) +
                                 f"; known: {list(REFERENCE_LAYOUTS)}")
     return REFERENCE_LAYOUTS[key]
+
+
+def rebuild_model(manifest: dict, checkpoint: Optional[str] = None, device: str = "cpu"):
+    """The store's model exactly as the decompose job built it (weights tag or checkpoint with the
+    recorded SHA-256; random-init models from ``torch.manual_seed(0)``) — same preprocessing."""
+    mm = manifest["model"]
+    want_sha = mm.get("checkpoint_sha256")
+    if want_sha and not checkpoint:
+        raise InputError(f"the store was made with the checkpoint {mm.get('checkpoint')!r} "
+                         f"(SHA-256 {want_sha[:12]}…): pass its path with --checkpoint")
+    if checkpoint and not want_sha:
+        raise InputError(f"the store was made without a checkpoint ({mm['name']}, weights "
+                         f"{mm.get('pretrained') or 'random init, seed 0'}); drop --checkpoint")
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise InputError(f"--checkpoint {checkpoint!r} does not exist")
+        got = sha256_file(checkpoint)
+        if got != want_sha:
+            raise InputError(f"--checkpoint {checkpoint!r} (SHA-256 {got[:12]}…) is not the checkpoint the store was "
+                             f"made with ({mm.get('checkpoint')!r}, SHA-256 {want_sha[:12]}…)")
+    torch.manual_seed(0)                   # as DecomposeWorker: random-init models are built from seed 0
+    lm = load_model(mm["name"], pretrained=mm.get("pretrained") or False, checkpoint=checkpoint, device=device)
+    if json.dumps(lm.preprocess, sort_keys=True) != json.dumps(manifest.get("preprocess"), sort_keys=True):
+        raise InputError(f"the rebuilt {mm['name']} preprocesses images differently from the store "
+                         f"({lm.preprocess} vs {manifest.get('preprocess')}): the installed timm/open_clip "
+                         "differ from the ones that made the store")
+    return lm
