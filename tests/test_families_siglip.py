@@ -128,3 +128,37 @@ def test_pool_heads_view_sums_to_the_readout():
     assert d.pool_heads.shape == (2, 4, 64)
     recon = d.pool_heads.sum(1) + m.attn_pool.proj.bias + d["attn_pool.mlp"]
     torch.testing.assert_close(recon, d.readout, rtol=0, atol=1e-12)
+
+
+def test_pool_view_components_are_the_pool_heads_and_mlp():
+    """pool_view(): one component per pool head (hand-written from timm's own pool), the pool MLP and an
+    input-independent bias — SPEC §2.1's attn_pool components."""
+    m, x = siglip(MODELS[0], torch.float64), images(torch.float64)
+    d = vd.decompose(m, x)
+    v = d.pool_view()
+    pool = m.attn_pool
+    Hp, D = pool.num_heads, 64
+    assert v.names == [f"attn_pool.head.{p}" for p in range(Hp)] + ["attn_pool.mlp", "bias"]
+    torch.testing.assert_close(v.contributions.sum(1), d.readout, rtol=0, atol=1e-12)
+    # bias is the same for every image (no input dependence hides in it)
+    torch.testing.assert_close(v["bias"][0], v["bias"][1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(v["bias"][0], pool.proj.bias, rtol=0, atol=1e-12)   # fc_norm is the identity here
+    # head p by hand: softmax(q_p k_pᵀ/√d) v_p W_O[:, p]ᵀ over the stream that enters the pool
+    seen = {}
+    h = pool.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    upstream(m, x)
+    h.remove()
+    t = seen["x"]
+    dp = D // Hp
+    with torch.no_grad():
+        q = pool.q(pool.latent)[0, 0]
+        kv = pool.kv(t)
+        for p in range(Hp):
+            s = slice(p * dp, (p + 1) * dp)
+            a = torch.softmax(kv[..., :D][..., s] @ q[s] / dp ** 0.5, dim=-1)
+            expect = torch.einsum("bn,bne->be", a, kv[..., D:][..., s]) @ pool.proj.weight[:, s].T
+            torch.testing.assert_close(v[f"attn_pool.head.{p}"], expect, rtol=0, atol=1e-11)
+    from vitdecomp.errors import InputError
+
+    with pytest.raises(InputError, match="attention-pool"):
+        vd.decompose(siglip(MODELS[1], torch.float64), x).pool_view()

@@ -81,6 +81,29 @@ class Decomposition:
         order = score.abs().argsort(descending=True)[:n]
         return [(self.names[i], float(score[i])) for i in order]
 
+    def pool_view(self) -> "Decomposition":
+        """The attention-pool (SigLIP MAP) readout decomposed at the pool itself: one component per pool
+        head, ``attn_pool.head.<p>`` (the latent query's attention output of head ``p`` over the real
+        last stream, value bias included, carried through the readout chain), ``attn_pool.mlp``, and
+        ``bias`` (the out-projection bias and the chain's offsets: input-independent). Exact: the three
+        sum to the readout. Every upstream block acts only through the pool's attention here, so it
+        has no direct effect of its own; the default view carries each upstream component through
+        the pool's frozen attention instead."""
+        if self.pool_heads is None:
+            raise InputError("pool_view() needs an attention-pool readout (SigLIP's MAP head); this model has none")
+        mlp = [i for i, c in enumerate(self.components) if c.kind == "mlp" and c.path.endswith("attn_pool.mlp")]
+        path = self.components[mlp[0]].path.rsplit(".mlp", 1)[0] if mlp else "attn_pool"
+        heads = [Component(f"{path}.head.{p}", "head", path, None, p) for p in range(self.pool_heads.shape[1])]
+        parts = [self.pool_heads] + ([self.contributions[:, mlp]] if mlp else [])
+        rest = torch.cat(parts, 1)
+        bias = self.readout - rest.sum(1)
+        comps = heads + [self.components[i] for i in mlp] + [Component(N.BIAS, "bias", "")]
+        return Decomposition(names=[c.name for c in comps], components=comps,
+                             contributions=torch.cat([rest, bias[:, None]], 1), readout=self.readout, tokens={},
+                             convention=self.convention, normalized=self.normalized,
+                             num_prefix_tokens=self.num_prefix_tokens, grid=self.grid,
+                             diagnostics={"view": "attention pool"})
+
     def token_map(self, name: str) -> Tensor:
         """Per-patch contributions of a token-decomposed component in image coordinates, ``[B, gh, gw, d]``.
 
