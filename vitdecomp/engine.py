@@ -356,23 +356,34 @@ def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention
     w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
     name_idx = {c.name: k for k, c in enumerate(comps)}
     tok = {name: (t, w[name_idx[name]].expand(t.shape[1]) / t.shape[1]) for name, (t, _, _) in raw_tokens.items()}
-    for op in plan.post:
+    stack, tok, _, z = _through_chain(plan.post, total, stack, tok, w, convention, normalize, z, diag)
+    return Decomposition(
+        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
+        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)
+
+
+def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, convention: str, normalize: bool,
+                   z: Tensor, diag: dict, extra: Optional[Tensor] = None):
+    """Carry the pooled terms ``stack [B, K, D]``, the token terms and an optional extra view
+    ``[B, ·, D]`` through the frozen readout chain ``post`` (norms and matrices, offsets shared by
+    ``w``; ``total`` is the running readout), then divide by ``‖z‖`` when ``normalize``."""
+    for op in post:
         if op.spec is not None:
             m, total = norm_map(op.spec, total, convention)
         else:
             m, total = matrix_map(op.weight, op.bias, total)
         stack = apply_map(m, stack, w)
         tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
+        extra = m.linear(extra) if extra is not None else None
     if normalize:
         scale = 1.0 / z.norm(dim=-1)
         stack = stack * scale[:, None, None]
         tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
+        extra = extra * scale[:, None, None] if extra is not None else None
         z = z * scale[:, None]
     diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
-    return Decomposition(
-        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
-        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
-        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)
+    return stack, tok, extra, z
 
 
 # --------------------------------------------------------------------- per-position readouts
@@ -494,21 +505,7 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
             t = t + (extra + w[k] * maps.offset)[:, None] / n
         tok[name] = (t, w[k].expand(n) / n)
     ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
-    for op in maps.post:
-        if op.spec is not None:
-            m, total = norm_map(op.spec, total, convention)
-        else:
-            m, total = matrix_map(op.weight, op.bias, total)
-        stack = apply_map(m, stack, w)
-        tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
-        ph = m.linear(ph) if ph is not None else None
-    if normalize:
-        scale = 1.0 / z.norm(dim=-1)
-        stack = stack * scale[:, None, None]
-        tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
-        ph = ph * scale[:, None, None] if ph is not None else None
-        z = z * scale[:, None]
-    diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
+    stack, tok, ph, z = _through_chain(maps.post, total, stack, tok, w, convention, normalize, z, diag, ph)
     grids = plan.grids(hw)
     unit_level = {u.name: u.level for u in units}
     token_grids = {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}
