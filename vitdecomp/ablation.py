@@ -406,9 +406,10 @@ def plot_mitigation(results: dict, path: str, title: str) -> str:
 
 def mitigate(st, head: LinearHead, label_column: str, group_column: str, *, fit_ids, eval_ids, k: int = 10,
              scores: Optional[np.ndarray] = None, names: Optional[Sequence[str]] = None, aligner=None,
-             random_draws: int = 5, seed: int = 0) -> dict:
-    """Mean-ablate the ``k`` components with the largest ``scores`` (means over ``fit_ids``) and
-    report per-group accuracy on ``eval_ids`` before, after and for random ``k``-sets (a control)."""
+             random_draws: int = 5, seed: int = 0, means: Optional[np.ndarray] = None) -> dict:
+    """Mean-ablate the ``k`` components with the largest ``scores`` (means over ``fit_ids``, or the
+    given ``means`` computed there) and report per-group accuracy on ``eval_ids`` before, after and
+    for random ``k``-sets (a control)."""
     _check_column(st, label_column, "--label-column")
     _check_column(st, group_column, "--group-column")
     names = list(names) if names is not None else st.names
@@ -417,7 +418,8 @@ def mitigate(st, head: LinearHead, label_column: str, group_column: str, *, fit_
     if k < 1 or k > len(order):
         raise InputError(f"--k must be between 1 and {len(order)} (the ablatable components), got {k}")
     top = order[:k]
-    means = component_means(st, names, head, fit_ids, aligner)
+    if means is None:
+        means = component_means(st, names, head, fit_ids, aligner)
     masks = {"before": np.zeros(len(names), bool), "after": np.isin(np.arange(len(names)), top)}
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(eligible)

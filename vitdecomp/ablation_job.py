@@ -80,8 +80,7 @@ def build_head(st, job: HeadOptions, aligner, fit_ids=None):
     from .ablation import LinearHead, class_list, fit_probe, model_head, zeroshot_head
     from .fit_job import resolve_text_model
 
-    is_clip = st.manifest["model"]["readout"]["space"] == "clip" and st.manifest["model"]["name"].startswith("open_clip:")
-    kind = job.head or ("zeroshot" if (is_clip or aligner is not None) else "probe")
+    kind = head_kind(st, job, aligner)
     if kind == "zeroshot":
         clip = resolve_text_model(st, aligner, job.clip, job.clip_pretrained, job.clip_checkpoint, what="a zero-shot head")
         classes = class_list(st, job.label_column, job.class_names)
@@ -103,10 +102,15 @@ def build_head(st, job: HeadOptions, aligner, fit_ids=None):
     raise InputError(f"--head must be zeroshot, probe or model, got {kind!r}")
 
 
+def head_kind(st, job: HeadOptions, aligner) -> str:
+    """``--head``, defaulting to zeroshot for an open_clip CLIP store or with an aligner, else probe."""
+    m = st.manifest["model"]
+    is_clip = m["readout"]["space"] == "clip" and m["name"].startswith("open_clip:")
+    return job.head or ("zeroshot" if (is_clip or aligner is not None) else "probe")
+
+
 def _needs_probe_fit(st, job: HeadOptions, aligner) -> bool:
-    is_clip = st.manifest["model"]["readout"]["space"] == "clip" and st.manifest["model"]["name"].startswith("open_clip:")
-    kind = job.head or ("zeroshot" if (is_clip or aligner is not None) else "probe")
-    return kind == "probe" and not job.probe
+    return head_kind(st, job, aligner) == "probe" and not job.probe
 
 
 def _open(job: HeadOptions):
@@ -228,13 +232,14 @@ def run_mitigate(job: MitigateJob) -> dict:
         scores = np.array([sc[by[n], 0] - sc[by[n], 1] if n in by else -np.inf for n in names])
         comps = [{"component": n, "spurious": float(sc[by[n], 0]), "core": float(sc[by[n], 1]),
                   "score": float(scores[i])} for i, n in enumerate(names) if n in by]
-    else:
-        means = component_means(st, names, head, fit_ids, aligner)
+    means = component_means(st, names, head, fit_ids, aligner)       # the ablation means (fit rows)
+    if job.ranking == "signed":
         scores = signed_push(st, names, head, fit_ids, job.label_column, job.group_column, means, aligner)
         comps = [{"component": n, "spurious": None, "core": None, "score": float(scores[i])}
                  for i, n in enumerate(names)]
     res = mitigate(st, head, job.label_column, job.group_column, fit_ids=fit_ids, eval_ids=eval_ids, k=int(job.k),
-                   scores=scores, names=names, aligner=aligner, random_draws=int(job.random_draws), seed=int(job.seed))
+                   scores=scores, names=names, aligner=aligner, random_draws=int(job.random_draws), seed=int(job.seed),
+                   means=means)
     ranked = sorted(comps, key=lambda r: -r["score"])
     for i, r in enumerate(ranked):
         r["rank"] = i

@@ -193,20 +193,25 @@ def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -
     res["retrieve_image"] = {"components": r["components"], "top": r["table"].column("image_id").to_pylist()[:8],
                              "report": os.path.join(ri, "report.html")}
     masks = write_masks(world, world_cfg, split="test")
-    last = max(c.block for c in __import__("vitdecomp").open_store(stores["clip"]).components if c.block is not None)
+    last = _last_block(stores["clip"])
     r = run_heatmap(HeatmapJob(store=stores["clip"], out=out["clip"], checkpoint=ck["clip"], clip_checkpoint=ck["clip"],
                                components=[f"transformer.resblocks.{last}.attn"], text="a shape",
                                image_ids=[f"test/{i:05d}" for i in range(4 if small else 24)], masks_dir=masks,
                                cache_dir=cache))
     res["heatmap_clip"] = r.get("summary")
     # the classifier's last two attention layers on each image's predicted class: where it looks
-    last = max(c.block for c in __import__("vitdecomp").open_store(stores["classifier"]).components
-               if c.block is not None)
+    last = _last_block(stores["classifier"])
     r = run_heatmap(HeatmapJob(store=stores["classifier"], out=out["classifier"], checkpoint=ck["classifier"],
                                components=[f"blocks.{last}.attn", f"blocks.{last - 1}.attn"], class_index="pred",
                                image_ids=[f"test/{i:05d}" for i in range(8 if small else 24)], masks_dir=masks))
     res["heatmap_classifier"] = r.get("summary")
     return {"out": out, "summary": res}
+
+
+def _last_block(store: str) -> int:
+    from .storage import open_store
+
+    return max(c.block for c in open_store(store).components if c.block is not None)
 
 
 class _Stages:
