@@ -175,7 +175,7 @@ def run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
 
 def synthetic_components(blocks: int = 3, heads: int = 2):
     """``embed``, per block ``heads`` heads and an MLP, ``bias`` — a ViT-like component list."""
-    from vitdecomp.names import Component
+    from vitdecomp.engine.names import Component
 
     comps = [Component("embed", "embed", "")]
     for b in range(blocks):
@@ -197,7 +197,8 @@ def write_store(path, contributions: np.ndarray, components, columns: dict | Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitdecomp.storage import Store, column_for, components_to_json, contributions_schema, vectors_to_arrow
+    from vitdecomp.store import Store, column_for, contributions_schema, vectors_to_arrow
+    from vitdecomp.store.manifest import components_to_json
 
     n, K, d = contributions.shape
     assert K == len(components)

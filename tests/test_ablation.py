@@ -8,11 +8,13 @@ import torch
 
 import vitdecomp as vd
 from jobutil import synthetic_components, write_store
-from vitdecomp.ablation import LinearHead, ablation_masks, fit_probe, label_indices
-from vitdecomp.ablation_job import AblateJob, MitigateJob, run_ablate, run_mitigate
-from vitdecomp.compattribute import basis
+from vitdecomp.fit.probe import LinearHead, fit_probe, label_indices
+from vitdecomp.query.ablation import ablation_masks
+from vitdecomp.config import AblateConfig, MitigateConfig
+from vitdecomp.query.jobs import run_ablate, run_mitigate
+from vitdecomp.query.compattribute import basis
 from vitdecomp.errors import InputError
-from vitdecomp.text import encode_texts
+from vitdecomp.fit.text import encode_texts
 from vitdecomp.toyworld.registry import TOY_CLIP
 
 D = 64                       # the toy CLIP's embedding size
@@ -84,7 +86,7 @@ def test_label_indices_by_name_then_index():
 
 
 def test_ablation_curves_equal_a_direct_computation(world, tmp_path):
-    r = run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "a"), label_column="label", head="probe",
+    r = run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "a"), label_column="label", head="probe",
                              probe=world["head"]))
     rows = pq.read_table(tmp_path / "a" / "ablation.parquet").to_pylist()
     assert (tmp_path / "a" / "ablation.png").exists() and (tmp_path / "a" / "report.html").exists()
@@ -137,7 +139,7 @@ def test_probe_learns_the_planted_rule_and_round_trips(world, tmp_path):
 @pytest.mark.parametrize("ranking", ["compattribute", "signed"])
 def test_mitigation_ablates_the_planted_spurious_component(world, tmp_path, ranking):
     out = tmp_path / "m"
-    r = run_mitigate(MitigateJob(store=world["store"], out=str(out), label_column="label", group_column="background",
+    r = run_mitigate(MitigateConfig(store=world["store"], out=str(out), label_column="label", group_column="background",
                                  head="probe", probe=world["head"], properties=world["props"], spurious="bg",
                                  core="obj", k=1, ranking=ranking, split_column="split", fit_split=["val"],
                                  eval_split=["test"], random_draws=3))
@@ -171,12 +173,12 @@ def test_mitigation_ablates_the_planted_spurious_component(world, tmp_path, rank
 
 
 def test_same_pool_protocol_and_hash_split(world, tmp_path):
-    r = run_mitigate(MitigateJob(store=world["store"], out=str(tmp_path / "s"), label_column="label",
+    r = run_mitigate(MitigateConfig(store=world["store"], out=str(tmp_path / "s"), label_column="label",
                                  group_column="background", head="probe", probe=world["head"],
                                  properties=world["props"], spurious="bg", core="obj", k=2, protocol="same-pool",
                                  split_column="split", eval_split=["test"], random_draws=0))
     assert r["summary"]["fit_rows"] == r["summary"]["eval_rows"] == 400 and "random" not in r["results"]
-    r2 = run_mitigate(MitigateJob(store=world["store"], out=str(tmp_path / "h"), label_column="label",
+    r2 = run_mitigate(MitigateConfig(store=world["store"], out=str(tmp_path / "h"), label_column="label",
                                   group_column="background", head="probe", probe=world["head"],
                                   properties=world["props"], spurious="bg", core="obj", k=1, random_draws=0))
     s = r2["summary"]
@@ -188,55 +190,55 @@ def test_bad_inputs_say_how_to_fix(world, tmp_path):
     base = dict(store=world["store"], out=str(tmp_path / "e"), head="probe", probe=world["head"],
                 properties=world["props"], spurious="bg", core="obj", split_column="split", fit_split=["val"],
                 eval_split=["test"])
-    with pytest.raises(InputError, match="--label-column 'lbl' is not a column.*pass-through columns"):
-        run_mitigate(MitigateJob(label_column="lbl", group_column="background", **base))
-    with pytest.raises(InputError, match="--group-column"):
-        run_mitigate(MitigateJob(label_column="label", group_column="", **base))
+    with pytest.raises(InputError, match="label_column: 'lbl' is not a column.*pass-through columns"):
+        run_mitigate(MitigateConfig(label_column="lbl", group_column="background", **base))
+    with pytest.raises(InputError, match="group_column"):
+        run_mitigate(MitigateConfig(label_column="label", group_column="", **base))
     with pytest.raises(InputError, match="unknown properties"):
-        run_mitigate(MitigateJob(label_column="label", group_column="background", **{**base, "spurious": "bgg"}))
+        run_mitigate(MitigateConfig(label_column="label", group_column="background", **{**base, "spurious": "bgg"}))
     with pytest.raises(InputError, match="overlap"):
-        run_mitigate(MitigateJob(label_column="label", group_column="background", **{**base, "fit_split": ["val", "test"]}))
+        run_mitigate(MitigateConfig(label_column="label", group_column="background", **{**base, "fit_split": ["val", "test"]}))
     with pytest.raises(InputError, match="no rows .* split in"):
-        run_mitigate(MitigateJob(label_column="label", group_column="background", **{**base, "eval_split": ["tst"]}))
-    with pytest.raises(InputError, match="--k must be between"):
-        run_mitigate(MitigateJob(label_column="label", group_column="background", k=99, **base))
-    with pytest.raises(InputError, match="--head must be"):
-        run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "e2"), label_column="label", head="svm"))
+        run_mitigate(MitigateConfig(label_column="label", group_column="background", **{**base, "eval_split": ["tst"]}))
+    with pytest.raises(InputError, match="k: must be between"):
+        run_mitigate(MitigateConfig(label_column="label", group_column="background", k=99, **base))
+    with pytest.raises(InputError, match="head: must be one of"):
+        run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "e2"), label_column="label", head="svm"))
     with pytest.raises(InputError, match="no linear classifier head"):
-        run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "e3"), label_column="label", head="model"))
+        run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "e3"), label_column="label", head="model"))
 
 
 def test_aligner_for_another_store_is_refused(world, tmp_path):
     import torch as _t
 
-    from vitdecomp.compalign import Aligner
+    from vitdecomp.fit.compalign import Aligner
 
     a = Aligner(["embed"], _t.zeros(1, 4, 4), _t.zeros(4), {"model": {"name": "timm:other"}, "store": "/x",
                                                              "store_manifest_sha256": "0" * 64})
     a.save(str(tmp_path / "al"))
     with pytest.raises(InputError, match="the aligner was trained for timm:other"):
-        run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "e4"), label_column="label",
+        run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "e4"), label_column="label",
                              aligner=str(tmp_path / "al")))
 
 
 def test_cli_parses_query_options():
     from vitdecomp.cli import build_parser
-    from vitdecomp.decompose_job import config_from_args
+    from vitdecomp.cli.options import config_from_args
 
     a = build_parser().parse_args(["query", "mitigate", "--store", "s", "--out", "o", "--label-column", "label",
                                    "--group-column", "bg", "--fit-split", "val", "--eval-split", "test", "other",
                                    "--k", "3", "--ranking", "signed", "--protocol", "same-pool"])
-    c = config_from_args(a, MitigateJob)
+    c = config_from_args(a, MitigateConfig)
     assert (c.k, c.fit_split, c.eval_split, c.ranking, c.protocol) == (3, ["val"], ["test", "other"], "signed",
                                                                         "same-pool")
     a = build_parser().parse_args(["query", "ablate", "--store", "s", "--out", "o", "--label-column", "y",
                                    "--kinds", "attn", "mlp", "--order", "forward"])
-    c = config_from_args(a, AblateJob)
+    c = config_from_args(a, AblateConfig)
     assert c.kinds == ["attn", "mlp"] and c.order == "forward"
 
 
 def test_zero_shot_head_is_the_class_texts(world, tmp_path):
-    r = run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "z"), label_column="label",
+    r = run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "z"), label_column="label",
                              class_names=["warm", "cool"], kinds=["mlp"]))
     assert r["head"].kind == "zeroshot" and r["head"].classes == ["warm", "cool"]
     torch.manual_seed(0)                                   # the job's random-init text tower: seed 0
@@ -248,17 +250,17 @@ def test_zero_shot_head_is_the_class_texts(world, tmp_path):
 
 
 def test_ablate_fits_its_probe_on_other_rows(world, tmp_path):
-    r = run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "p"), label_column="label", head="probe",
+    r = run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "p"), label_column="label", head="probe",
                              split_column="split", eval_split=["test"], kinds=["mlp"]))
     assert r["head"].kind == "probe" and r["head"].meta["rows"] == 400          # fitted on the val rows only
     assert (tmp_path / "p" / "probe.safetensors").exists() and r["summary"]["images"] == 400
     with pytest.raises(InputError, match="rows of its own"):
-        run_ablate(AblateJob(store=world["store"], out=str(tmp_path / "q"), label_column="label", head="probe",
+        run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "q"), label_column="label", head="probe",
                              split_column="split", eval_split=["test"], fit_split=["test"]))
 
 
 def test_waterbirds_lists_are_known_by_name(tmp_path):
-    from vitdecomp.compattribute import DEFAULT_PROPERTIES, named_properties, read_properties
+    from vitdecomp.query.compattribute import DEFAULT_PROPERTIES, named_properties, read_properties
 
     p = named_properties(None)
     assert p["Waterbirds core"][:2] == ["bird", "finch"] and len(p["Waterbirds spurious"]) == 9

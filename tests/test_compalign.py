@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitdecomp.compalign import AlignConfig, Aligner, fit, in_validation, ortho_penalty
+from vitdecomp.config import AlignConfig
+from vitdecomp.fit.compalign import Aligner, fit, in_validation, ortho_penalty
 
 
 def synthetic(seed=0, n=3000, K=3, d=6, d_t=6):
@@ -55,10 +56,13 @@ def test_artefact_round_trip_without_pickle(tmp_path):
                                atol=1e-5)
 
 
-def test_orthogonality_forms_and_split():
-    maps = torch.randn(4, 5, 7)
-    assert torch.allclose(ortho_penalty(maps, "paper"), ortho_penalty(maps, "code"))
-    q = torch.linalg.qr(torch.randn(5, 5))[0]
-    assert float(ortho_penalty(q[None], "paper")) < 1e-10
+def test_orthogonality_penalty_against_hand_formula_and_split():
+    maps = torch.randn(4, 5, 7, dtype=torch.float64)
+    K, dt = 4, 5
+    hand = sum(float(np.linalg.norm(A @ A.T - np.eye(dt), "fro")) ** 2 for A in maps.numpy()) / (K * dt)
+    assert float(ortho_penalty(maps)) == pytest.approx(hand, rel=1e-12)
+    q = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    assert float(ortho_penalty(q[None])) < 1e-20                  # orthogonal maps cost nothing
+    assert float(ortho_penalty(2 * q[None])) == pytest.approx(9.0 * 5 / 5, rel=1e-12)   # ‖4I − I‖² = 9·dt
     frac = np.mean([in_validation(f"x{i}", 0.2) for i in range(5000)])
     assert 0.17 < frac < 0.23 and in_validation("x1", 0.2) == in_validation("x1", 0.2)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitdecomp.compattribute import Sums, basis, scores
+from vitdecomp.query.compattribute import Sums, basis, scores
 
 
 def direct(c: np.ndarray, Q: np.ndarray) -> np.ndarray:

@@ -19,9 +19,10 @@ from PIL import Image
 
 import vitdecomp as vd
 from jobutil import BAD, MotoS3, make_images, make_shards, run_cli
-from vitdecomp.decompose_job import DecomposeConfig, parse_blocks, run
+from vitdecomp.config import DecomposeConfig, parse_blocks
+from vitdecomp.pipeline import run_decompose as run
 from vitdecomp.errors import InputError, UnknownModelError
-from vitdecomp.storage import StoreError, open_store
+from vitdecomp.store import StoreError, open_store
 
 MODEL = "timm:deit_tiny_patch16_224"
 N_BAD = len(BAD) + 1          # + the truncated PNG
@@ -140,7 +141,7 @@ def test_table_inputs_uri_and_bytes_and_webdataset(ray_local, corpus, tmp_path):
         te = teacher.model.encode_image(tx, normalize=True)
     np.testing.assert_allclose(b.teacher, te.numpy(), rtol=0, atol=1e-6)
     assert st.manifest["teacher"]["name"] == "open_clip:ViT-S-16" and st.manifest["teacher"]["dim"] == 384
-    with pytest.raises(StoreError, match="--teacher"):
+    with pytest.raises(StoreError, match="has no teacher column"):
         next(open_store(str(tmp_path / "a")).iter_batches(teacher=True))
 
     # WebDataset shards
@@ -165,7 +166,7 @@ def test_bad_input_fails_before_any_work(ray_local, corpus, tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(StoreError, match="not writable"):
         run(cfg(input=str(root), output=str(tmp_path / "a_file" / "store")))
-    with pytest.raises(InputError, match="--blocks"):
+    with pytest.raises(InputError, match="blocks: 'seven'"):
         parse_blocks("seven")
     assert parse_blocks("7-11") == [7, 8, 9, 10, 11] and parse_blocks("-2:") == [-2, -1]
 
@@ -178,7 +179,7 @@ def test_cli_help_config_file_and_flag_override(tmp_path):
                  "--no-heads", "--dtype", "--batch-size", "--concurrency", "--teacher", "--config"):
         assert flag in out.stdout, flag
     from vitdecomp.cli import build_parser
-    from vitdecomp.decompose_job import config_from_args
+    from vitdecomp.cli.options import config_from_args
 
     (tmp_path / "c.yaml").write_text("model: timm:deit_tiny_patch16_224\nbatch-size: 8\nheads: false\ndtype: fp32\n")
     args = build_parser().parse_args(["decompose", "--config", str(tmp_path / "c.yaml"), "--batch-size", "16",

@@ -8,11 +8,13 @@ import torch
 
 import vitdecomp as vd
 from jobutil import make_images
-from vitdecomp.decompose_job import DecomposeConfig, run
+from vitdecomp.config import DecomposeConfig
+from vitdecomp.pipeline import run_decompose as run
 from vitdecomp.errors import InputError
-from vitdecomp.fit_job import CompAlignJob, TextSpanJob, run_compalign, run_textspan
-from vitdecomp.text import encode_texts, read_pool
-from vitdecomp.textspan import Moments, textspan_one
+from vitdecomp.config import CompAlignConfig, TextSpanConfig
+from vitdecomp.fit.jobs import run_compalign, run_textspan
+from vitdecomp.fit.text import encode_texts, read_pool
+from vitdecomp.fit.textspan import Moments, textspan_one
 from vitdecomp.toyworld.registry import TOY_CLIP, TOY_VIT
 
 
@@ -46,7 +48,7 @@ def test_pool_file_drops_blanks_and_duplicates(pool, tmp_path):
 
 def test_textspan_on_a_clip_store_equals_in_memory(stores, pool, tmp_path):
     out = tmp_path / "ts"
-    r = run_textspan(TextSpanJob(store=stores["clip"], out=str(out), pool=pool, texts_per_head=3, rank=16,
+    r = run_textspan(TextSpanConfig(store=stores["clip"], out=str(out), pool=pool, texts_per_head=3, rank=16,
                                  last_layers=2, cache_dir=str(tmp_path / "cache")))
     table = r["table"]
     assert (out / "textspan.parquet").exists() and (out / "textspan.txt").exists()
@@ -66,39 +68,39 @@ def test_textspan_on_a_clip_store_equals_in_memory(stores, pool, tmp_path):
 
 def test_compalign_from_store_and_textspan_through_the_aligner(stores, pool, tmp_path):
     art = str(tmp_path / "align")
-    metrics = run_compalign(CompAlignJob(store=stores["vit"], out=art, max_epochs=2, lr=1e-3))
+    metrics = run_compalign(CompAlignConfig(store=stores["vit"], out=art, max_epochs=2, lr=1e-3))
     assert len(metrics["history"]) == 2 and np.isfinite(metrics["best_val_cosine"])
-    aligner = vd.compalign.Aligner.load(art)
+    aligner = vd.fit.Aligner.load(art)
     st = vd.open_store(stores["vit"])
-    b = next(st.iter_batches(aligner=aligner, batch_size=8))
+    b = next(vd.fit.aligned_batches(st, aligner, batch_size=8))
     assert b.contributions.shape == (8, len(st.names), 64)
-    r = run_textspan(TextSpanJob(store=stores["vit"], out=str(tmp_path / "ts"), pool=pool, aligner=art,
+    r = run_textspan(TextSpanConfig(store=stores["vit"], out=str(tmp_path / "ts"), pool=pool, aligner=art,
                                  texts_per_head=2, rank=8, cache_dir=str(tmp_path / "cache"), distributed=False))
     assert r["table"].num_rows == 2 * 16              # 2 texts x 4 heads x the last 4 blocks (the default)
     with pytest.raises(InputError, match="not for this store"):
-        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "x"), pool=pool, aligner=art))
+        run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "x"), pool=pool, aligner=art))
 
 
 def test_fit_errors_say_how_to_fix(stores, pool, tmp_path):
-    with pytest.raises(InputError, match="--teacher"):
-        run_compalign(CompAlignJob(store=stores["plain"], out=str(tmp_path / "a")))
-    with pytest.raises(InputError, match="--aligner"):
-        run_textspan(TextSpanJob(store=stores["plain"], out=str(tmp_path / "b"), pool=pool))
+    with pytest.raises(InputError, match="teacher"):
+        run_compalign(CompAlignConfig(store=stores["plain"], out=str(tmp_path / "a")))
+    with pytest.raises(InputError, match="aligner"):
+        run_textspan(TextSpanConfig(store=stores["plain"], out=str(tmp_path / "b"), pool=pool))
     with pytest.raises(InputError, match="same model"):
-        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "c"), pool=pool, clip="open_clip:ViT-S-16"))
+        run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "c"), pool=pool, clip="open_clip:ViT-S-16"))
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(InputError, match="empty"):
-        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "d"), pool=str(tmp_path / "empty.txt")))
+        run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "d"), pool=str(tmp_path / "empty.txt")))
 
 
 def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
     """With as many texts as dimensions the reconstruction is exact, so the evaluated accuracy must
     equal that of mean-ablating the earlier layers alone (computed here independently)."""
     big = tmp_path / "big.txt"
-    from vitdecomp.text import default_pool
+    from vitdecomp.fit.text import default_pool
 
     big.write_text("\n".join(default_pool()[:200]) + "\n")
-    r = run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev"), pool=str(big), texts_per_head=64,
+    r = run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "ev"), pool=str(big), texts_per_head=64,
                                  rank=64, last_layers=2, label_column="label", class_names=["red", "blue"],
                                  cache_dir=str(tmp_path / "cache"), distributed=False))
     ev = r["evaluation"]
@@ -119,52 +121,54 @@ def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
     pred = (c.sum(1) @ T.T).argmax(-1)
     y = [["red", "blue"].index(v) for b in bs for v in b.columns["label"].to_pylist()]
     assert abs(ev["accuracy_mean_ablated_only"] - np.mean(pred == np.array(y))) < 1e-12
-    r2 = run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev2"), pool=pool, texts_per_head=2,
+    r2 = run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "ev2"), pool=pool, texts_per_head=2,
                                   rank=8, last_layers=2, label_column="label", cache_dir=str(tmp_path / "cache"),
                                   distributed=False))
     assert 0.0 <= r2["evaluation"]["accuracy_reconstructed"] <= 1.0
-    with pytest.raises(InputError, match="label-column"):
-        run_textspan(TextSpanJob(store=stores["clip"], out=str(tmp_path / "ev3"), pool=pool, label_column="nope"))
+    with pytest.raises(InputError, match="label_column"):
+        run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "ev3"), pool=pool, label_column="nope"))
 
 
 def test_query_compattribute_on_stores(stores, tmp_path):
-    from vitdecomp.query_job import CompAttributeJob, run_compattribute
+    from vitdecomp.config import CompAttributeConfig
+    from vitdecomp.query.jobs import run_compattribute
 
     props = tmp_path / "props.yaml"
     props.write_text("redness: [red color, crimson]\nscene: [ocean, forest]\n")
-    r = run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q"), properties=str(props),
+    r = run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q"), properties=str(props),
                                            cache_dir=str(tmp_path / "cache")))
     assert (tmp_path / "q" / "compattribute.parquet").exists() and (tmp_path / "q" / "compattribute.png").exists()
     assert r["scores"].shape == (len(vd.open_store(stores["clip"]).names), 9)
     assert np.all(np.abs(r["scores"]) <= 1 + 1e-9)
-    r2 = run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q2"), properties=str(props),
+    r2 = run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q2"), properties=str(props),
                                             cache_dir=str(tmp_path / "cache"), distributed=False))
     np.testing.assert_allclose(r["scores"], r2["scores"], atol=1e-9)     # distributed == in-process
     art = str(tmp_path / "align")
-    run_compalign(CompAlignJob(store=stores["vit"], out=art, max_epochs=1))
-    r3 = run_compattribute(CompAttributeJob(store=stores["vit"], out=str(tmp_path / "q3"), aligner=art,
+    run_compalign(CompAlignConfig(store=stores["vit"], out=art, max_epochs=1))
+    r3 = run_compattribute(CompAttributeConfig(store=stores["vit"], out=str(tmp_path / "q3"), aligner=art,
                                             cache_dir=str(tmp_path / "cache")))
     assert r3["scores"].shape[1] == 7
-    with pytest.raises(InputError, match="--aligner"):
-        run_compattribute(CompAttributeJob(store=stores["plain"], out=str(tmp_path / "q4")))
+    with pytest.raises(InputError, match="aligner"):
+        run_compattribute(CompAttributeConfig(store=stores["plain"], out=str(tmp_path / "q4")))
     with pytest.raises(InputError, match="unknown component"):
-        run_compattribute(CompAttributeJob(store=stores["clip"], out=str(tmp_path / "q5"), components=["embedd"]))
+        run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q5"), components=["embedd"]))
 
 
 def test_list_options_parse_as_lists():
     from vitdecomp.cli import build_parser
-    from vitdecomp.decompose_job import config_from_args
+    from vitdecomp.cli.options import config_from_args
 
     a = build_parser().parse_args(["fit", "textspan", "--store", "s", "--out", "o", "--components",
                                    "blocks.1.attn.head.0", "blocks.2.attn.head.1", "--class-names", "a", "b"])
-    c = config_from_args(a, TextSpanJob)
+    c = config_from_args(a, TextSpanConfig)
     assert c.components == ["blocks.1.attn.head.0", "blocks.2.attn.head.1"] and c.class_names == ["a", "b"]
 
 
 def test_query_retrieve_ranks_by_the_top_components_projection(stores, tmp_path):
-    from vitdecomp.query_job import RetrieveJob, run_retrieve
+    from vitdecomp.config import RetrieveConfig
+    from vitdecomp.query.jobs import run_retrieve
 
-    r = run_retrieve(RetrieveJob(store=stores["clip"], out=str(tmp_path / "r"), property="color",
+    r = run_retrieve(RetrieveConfig(store=stores["clip"], out=str(tmp_path / "r"), property="color",
                                  text="a red circle", top_components=3, top_images=5,
                                  cache_dir=str(tmp_path / "cache")))
     t = r["table"].to_pylist()
@@ -178,4 +182,4 @@ def test_query_retrieve_ranks_by_the_top_components_projection(stores, tmp_path)
     b = list(st.iter_batches(components=r["components"], ids=[t[0]["image_id"]]))[0]
     assert abs(float(b.contributions.sum(1)[0] @ probe) - t[0]["score"]) < 1e-4
     with pytest.raises(InputError, match="unknown property"):
-        run_retrieve(RetrieveJob(store=stores["clip"], out=str(tmp_path / "x"), property="colour", text="red"))
+        run_retrieve(RetrieveConfig(store=stores["clip"], out=str(tmp_path / "x"), property="colour", text="red"))

@@ -17,8 +17,10 @@ from PIL import Image
 import vitdecomp as vd
 from jobutil import run_cli
 from vitdecomp.errors import InputError
-from vitdecomp.heatmaps import (HeatmapJob, average_precision, class_direction, read_image, run_heatmap,
-                                segmentation_metrics, summarise, token_heatmaps, upsample)
+from vitdecomp.config import HeatmapConfig
+from vitdecomp.query.heatmap_job import run_heatmap
+from vitdecomp.query.heatmaps import (average_precision, class_direction, read_image, segmentation_metrics, summarise,
+                                      token_heatmaps, upsample)
 
 GRID = (4, 6)                      # non-square on purpose: rows and columns must not be swapped
 PATCH = 8
@@ -110,7 +112,7 @@ def test_class_logit_direction_and_the_aligner_map():
     with pytest.raises(InputError, match="one per image"):
         token_heatmaps(m, x2, ["blocks.1.attn.head.0"], np.ones((3, 32)))
     # through an aligner A_k: ⟨A_k c, t⟩ = ⟨c, A_kᵀ t⟩ for each head's own map; a layer uses its heads' maps
-    from vitdecomp.compalign import Aligner
+    from vitdecomp.fit.compalign import Aligner
 
     names = [f"blocks.1.attn.head.{h}" for h in range(4)]
     g = torch.Generator().manual_seed(6)
@@ -233,7 +235,8 @@ def world(tmp_path_factory):
 def stores(ray_local, world, tmp_path_factory):
     """A toy-ViT store (folder source, ids 'train/0000k.png') and a toy-CLIP store from a table with a
     mask-URI column (its images are copies, so a test may change one)."""
-    from vitdecomp.decompose_job import DecomposeConfig, run
+    from vitdecomp.config import DecomposeConfig
+    from vitdecomp.pipeline import run_decompose as run
     from vitdecomp.toyworld.registry import TOY_CLIP, TOY_VIT
 
     out = tmp_path_factory.mktemp("hmstores")
@@ -273,13 +276,13 @@ def test_write_masks_matches_the_rendered_objects(world, tmp_path):
 
 @pytest.mark.slow
 def test_heatmap_job_class_logit_with_masks_matches_in_process(stores, world, tmp_path):
-    from vitdecomp.heatmaps import mask_to_input
+    from vitdecomp.query.heatmaps import mask_to_input
     from vitdecomp.toyworld.registry import TOY_VIT
 
     out = tmp_path / "hm"
     ids = ["train/00004.png", "train/00001.png"]
     comps = ["blocks.3.attn.head.1", "blocks.2.attn"]
-    r = run_heatmap(HeatmapJob(store=stores["vit"], out=str(out), image_ids=ids, components=comps, class_index="1",
+    r = run_heatmap(HeatmapConfig(store=stores["vit"], out=str(out), image_ids=ids, components=comps, class_index="1",
                                masks_dir=world["masks"]))
     t = pq.read_table(out / "heatmaps.parquet").to_pylist()
     assert [row["image_id"] for row in t] == ids
@@ -311,9 +314,9 @@ def test_heatmap_job_class_logit_with_masks_matches_in_process(stores, world, tm
     assert seg[2]["pixacc"] == pytest.approx(np.mean([s["pixacc"] for s in seg[:2]]))
     assert r["summary"]["images"] == 2
     # 'pred': each image's own predicted class (from the stored readout and the classifier)
-    rp = run_heatmap(HeatmapJob(store=stores["vit"], out=str(tmp_path / "pred"), image_ids=ids, components=comps,
+    rp = run_heatmap(HeatmapConfig(store=stores["vit"], out=str(tmp_path / "pred"), image_ids=ids, components=comps,
                                 class_index="pred"))
-    from vitdecomp.heatmaps import predicted_classes
+    from vitdecomp.query.heatmaps import predicted_classes
 
     with torch.no_grad():
         z = vd.decompose(lm, x, blocks=[1, 2, 3]).readout
@@ -335,11 +338,11 @@ def world_mask(world, image_id):
 
 @pytest.mark.slow
 def test_heatmap_job_text_on_a_clip_store_with_a_mask_column(stores, world, tmp_path):
-    from vitdecomp.text import encode_texts
+    from vitdecomp.fit.text import encode_texts
     from vitdecomp.toyworld.registry import TOY_CLIP
 
     out = tmp_path / "hmclip"
-    r = run_heatmap(HeatmapJob(store=stores["clip"], out=str(out), top_n=3, components=["transformer.resblocks.3.attn"],
+    r = run_heatmap(HeatmapConfig(store=stores["clip"], out=str(out), top_n=3, components=["transformer.resblocks.3.attn"],
                                text="a red circle", mask_column="mask", cache_dir=str(tmp_path / "cache")))
     ids = sorted(world["attrs"])[:3]
     assert r["ids"] == ids
@@ -372,28 +375,28 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
     ranking = tmp_path / "retrieval.parquet"
     pq.write_table(pa.table({"rank": [1, 0, 2], "image_id": ["train/00003.png", "train/00005.png", "train/00000.png"]}),
                    ranking)
-    r = run_heatmap(HeatmapJob(store=stores["vit"], out=str(tmp_path / "ranked"), retrieval=str(ranking), top_n=2,
+    r = run_heatmap(HeatmapConfig(store=stores["vit"], out=str(tmp_path / "ranked"), retrieval=str(ranking), top_n=2,
                                components=["blocks.3.attn.head.0"], class_index="0"))
     assert r["ids"] == ["train/00005.png", "train/00003.png"]
     base = dict(store=stores["vit"], out=str(tmp_path / "e"), components=["blocks.3.attn.head.0"])
     with pytest.raises(InputError, match=r"not in .*close to 'train/00009\.png'"):
-        run_heatmap(HeatmapJob(**base, image_ids=["train/00009.png"], class_index=0))
+        run_heatmap(HeatmapConfig(**base, image_ids=["train/00009.png"], class_index=0))
     with pytest.raises(InputError, match=r"unknown component 'blocks\.3\.attn\.head\.9'"):
-        run_heatmap(HeatmapJob(**{**base, "components": ["blocks.3.attn.head.9"]}, class_index=0))
+        run_heatmap(HeatmapConfig(**{**base, "components": ["blocks.3.attn.head.9"]}, class_index=0))
     with pytest.raises(InputError, match="unknown component 'blocks.0.attn.head.0'"):     # folded into embed
-        run_heatmap(HeatmapJob(**{**base, "components": ["blocks.0.attn.head.0"]}, class_index=0))
-    with pytest.raises(InputError, match="exactly one of --text"):
-        run_heatmap(HeatmapJob(**base, class_index=0, text="a red circle"))
-    with pytest.raises(InputError, match="exactly one of --text"):
-        run_heatmap(HeatmapJob(**base))
-    with pytest.raises(InputError, match="either --image-ids or --top-n"):
-        run_heatmap(HeatmapJob(**base, class_index=0, image_ids=["train/00000.png"], top_n=2))
+        run_heatmap(HeatmapConfig(**{**base, "components": ["blocks.0.attn.head.0"]}, class_index=0))
+    with pytest.raises(InputError, match="exactly one of a text"):
+        run_heatmap(HeatmapConfig(**base, class_index=0, text="a red circle"))
+    with pytest.raises(InputError, match="exactly one of a text"):
+        run_heatmap(HeatmapConfig(**base))
+    with pytest.raises(InputError, match="either image ids or top_n"):
+        run_heatmap(HeatmapConfig(**base, class_index=0, image_ids=["train/00000.png"], top_n=2))
     with pytest.raises(InputError, match="a class number"):
-        run_heatmap(HeatmapJob(**base, class_index="first"))
-    with pytest.raises(InputError, match="--aligner"):
-        run_heatmap(HeatmapJob(**base, text="a red circle"))
+        run_heatmap(HeatmapConfig(**base, class_index="first"))
+    with pytest.raises(InputError, match="aligner"):
+        run_heatmap(HeatmapConfig(**base, text="a red circle"))
     with pytest.raises(InputError, match="no classifier head"):
-        run_heatmap(HeatmapJob(store=stores["clip"], out=str(tmp_path / "f"),
+        run_heatmap(HeatmapConfig(store=stores["clip"], out=str(tmp_path / "f"),
                                components=["transformer.resblocks.3.attn"],
                                class_index=0))
     ckpt = tmp_path / "other.safetensors"
@@ -401,13 +404,13 @@ def test_heatmap_cli_and_errors(stores, world, tmp_path):
 
     save_file({"w": torch.zeros(1)}, str(ckpt))
     with pytest.raises(InputError, match="made without a checkpoint"):
-        run_heatmap(HeatmapJob(**base, class_index=0, checkpoint=str(ckpt)))
+        run_heatmap(HeatmapConfig(**base, class_index=0, checkpoint=str(ckpt)))
     with pytest.raises(InputError, match="no mask for image"):
-        run_heatmap(HeatmapJob(**base, class_index=0, masks_dir=str(tmp_path)))
+        run_heatmap(HeatmapConfig(**base, class_index=0, masks_dir=str(tmp_path)))
     (tmp_path / "small" / "train").mkdir(parents=True)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small" / "train" / "00000.png")
     with pytest.raises(InputError, match="is 10x10 but the image is 64x64"):
-        run_heatmap(HeatmapJob(**base, class_index=0, image_ids=["train/00000.png"], masks_dir=str(tmp_path / "small")))
+        run_heatmap(HeatmapConfig(**base, class_index=0, image_ids=["train/00000.png"], masks_dir=str(tmp_path / "small")))
 
 
 @pytest.mark.slow
@@ -418,7 +421,7 @@ def test_heatmap_refuses_a_source_image_that_changed(stores, tmp_path):
         arr = np.asarray(Image.open(img)).copy()
         Image.fromarray(255 - arr).save(img)
         with pytest.raises(InputError, match="does not reproduce the stored readout"):
-            run_heatmap(HeatmapJob(store=stores["clip"], out=str(tmp_path / "x"), image_ids=["train/00005"],
+            run_heatmap(HeatmapConfig(store=stores["clip"], out=str(tmp_path / "x"), image_ids=["train/00005"],
                                    components=["transformer.resblocks.3.attn.head.0"], text="a red circle",
                                    cache_dir=str(tmp_path / "cache")))
     finally:

@@ -29,9 +29,10 @@ from PIL import Image
 
 import vitdecomp as vd
 from jobutil import BAD, MotoS3, free_port, make_images
-from vitdecomp.decompose_job import DecomposeConfig, parse_resources
+from vitdecomp.config import DecomposeConfig
+from vitdecomp.config import OptionError
 from vitdecomp.errors import InputError
-from vitdecomp.storage import open_store
+from vitdecomp.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -50,20 +51,22 @@ def constraints() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- resources option
-def test_parse_resources_accepts_json_or_mapping_and_explains_errors():
-    assert parse_resources('{"node_b": 1, "decode": 0.5}', "--worker-resources") == {"node_b": 1.0, "decode": 0.5}
-    assert parse_resources({"gpu_pool": 2}, "--worker-resources") == {"gpu_pool": 2.0}     # from a config file
-    assert parse_resources(None, "--x") is None and parse_resources("", "--x") is None
-    with pytest.raises(InputError, match=r"--decode-resources .*not a JSON object"):
-        parse_resources("{node_b: 1}", "--decode-resources")
-    with pytest.raises(InputError, match="'GPU' is not a custom resource"):
-        parse_resources('{"GPU": 1}', "--worker-resources")
-    with pytest.raises(InputError, match="must be a positive number"):
-        parse_resources('{"node_b": -1}', "--worker-resources")
-    with pytest.raises(InputError, match="expected a mapping"):
-        parse_resources("[1, 2]", "--worker-resources")
-    c = DecomposeConfig(input="x", output="y", model=MODEL, worker_resources='{"b": 1}')
-    c.validate()
+def test_resources_option_accepts_json_or_mapping_and_explains_errors():
+    def cfg(value, key="worker_resources"):
+        return DecomposeConfig(input="x", output="y", model=MODEL, **{key: value})
+
+    assert cfg('{"node_b": 1, "decode": 0.5}').worker_resources == {"node_b": 1.0, "decode": 0.5}
+    assert cfg({"gpu_pool": 2}).worker_resources == {"gpu_pool": 2.0}     # from a config file
+    assert cfg(None).worker_resources is None and cfg("").worker_resources is None
+    with pytest.raises(OptionError, match=r"^decode_resources: .*not a JSON object"):
+        cfg("{node_b: 1}", "decode_resources")
+    with pytest.raises(OptionError, match="'GPU' is not a custom resource"):
+        cfg('{"GPU": 1}')
+    with pytest.raises(OptionError, match="must be positive"):
+        cfg('{"node_b": -1}')
+    with pytest.raises(OptionError, match="expected a mapping"):
+        cfg("[1, 2]")
+    c = cfg('{"b": 1}')
     assert c.worker_resources == {"b": 1.0} and c.decode_resources is None
 
 
@@ -315,7 +318,7 @@ def test_rayjob_entrypoint_survives_the_submitter_shell_and_uses_real_flags(rayj
         assert not unknown, f"{' '.join(c[:3])}: {unknown} are not (full) flag names (argparse would accept prefixes)"
         if c[1] == "decompose":
             assert ns.device == "cuda" and ns.output == env["VD_STORE"] and int(ns.concurrency) == int(env["VD_GPUS"])
-            assert parse_resources(ns.decode_resources, "--decode-resources") == {"decode": 1.0}
+            assert ns.decode_resources == {"decode": 1.0}
         elif c[2] != "report":
             assert ns.store == env["VD_STORE"]
     # the artefacts (local to the head pod) are copied to S3 last
@@ -382,7 +385,7 @@ def test_working_dir_upload_is_small_and_has_the_code(tmp_path):
     out = tmp_path / "pkg.zip"
     _zip_files(str(ROOT), env["excludes"], str(out), include_gitignore=True)   # what `--working-dir .` uploads
     names = zipfile.ZipFile(out).namelist()
-    assert "vitdecomp/decompose_job.py" in names and "jobs/decompose.py" in names and "infra/ray/runtime_env.yaml" in names
+    assert "vitdecomp/pipeline/job.py" in names and "jobs/decompose.py" in names and "infra/ray/runtime_env.yaml" in names
     heavy = [n for n in names if n.split("/")[0] in (".git", ".venv", ".vitdecomp-demo", ".pytest_cache")]
     assert not heavy, f"uploaded: {heavy[:5]}"
     assert out.stat().st_size < 5 * 2**20, f"working_dir package is {out.stat().st_size / 2**20:.1f} MiB"

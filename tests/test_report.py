@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from vitdecomp.errors import InputError
-from vitdecomp.report import ReportError, format_value, write_report, write_section
+from vitdecomp.query.report import ReportError, format_value, write_report, write_section
 
 HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
 

@@ -9,11 +9,12 @@ import yaml
 
 import vitdecomp as vd
 from jobutil import synthetic_components, write_store
-from vitdecomp.compattribute import basis
+from vitdecomp.query.compattribute import basis
 from vitdecomp.errors import InputError
-from vitdecomp.query_job import RetrieveJob, run_retrieve
-from vitdecomp.retrieval import specific_rank
-from vitdecomp.text import encode_texts
+from vitdecomp.config import RetrieveConfig
+from vitdecomp.query.jobs import run_retrieve
+from vitdecomp.query.retrieval import specific_rank
+from vitdecomp.fit.text import encode_texts
 from vitdecomp.toyworld.registry import TOY_CLIP
 
 
@@ -45,7 +46,7 @@ def store(tmp_path_factory):
 
 def test_probe_image_brings_back_its_planted_group(store, tmp_path):
     probe = store["ids"][int(np.flatnonzero(store["scene"] == 1)[0])]
-    r = run_retrieve(RetrieveJob(store=store["path"], out=str(tmp_path / "r"), property="scenery",
+    r = run_retrieve(RetrieveConfig(store=store["path"], out=str(tmp_path / "r"), property="scenery",
                                  image_ids=[probe], properties=store["props"], top_components=1, top_images=50))
     assert r["components"] == ["blocks.0.mlp"] and r["search"] == "exact"
     got = r["table"].to_pylist()
@@ -61,7 +62,7 @@ def test_probe_image_brings_back_its_planted_group(store, tmp_path):
     unit = lambda x: x / np.linalg.norm(x)                                    # noqa: E731
     assert got[0]["score"] == pytest.approx(float(unit(v[got[0]["image_id"]]) @ unit(v[probe])), abs=1e-5)
     # the Lance IVF index (all partitions probed) returns the same neighbours
-    r2 = run_retrieve(RetrieveJob(store=store["path"], out=str(tmp_path / "r2"), property="scenery",
+    r2 = run_retrieve(RetrieveConfig(store=store["path"], out=str(tmp_path / "r2"), property="scenery",
                                   image_ids=[probe], properties=store["props"], top_components=1, top_images=50,
                                   index="lance", nprobes=64))
     assert r2["search"].startswith("lance") and (tmp_path / "r2" / "retrieval_index.lance").exists()
@@ -74,10 +75,10 @@ def test_probe_image_brings_back_its_planted_group(store, tmp_path):
 def test_retrieval_bad_probes(store, tmp_path):
     base = dict(store=store["path"], out=str(tmp_path / "e"), property="scenery", properties=store["props"])
     with pytest.raises(InputError, match="exactly one probe"):
-        run_retrieve(RetrieveJob(**base))
+        run_retrieve(RetrieveConfig(**base))
     with pytest.raises(InputError, match="exactly one probe"):
-        run_retrieve(RetrieveJob(text="water", image_ids=["img00001"], **base))
+        run_retrieve(RetrieveConfig(text="water", image_ids=["img00001"], **base))
     with pytest.raises(InputError, match=r"probe image ids \['img9'\] are not in"):
-        run_retrieve(RetrieveJob(image_ids=["img9"], **base))
-    with pytest.raises(InputError, match="--index must be"):
-        run_retrieve(RetrieveJob(image_ids=["img00001"], index="faiss", **base))
+        run_retrieve(RetrieveConfig(image_ids=["img9"], **base))
+    with pytest.raises(InputError, match="index: must be one of"):
+        run_retrieve(RetrieveConfig(image_ids=["img00001"], index="faiss", **base))

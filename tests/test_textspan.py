@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vitdecomp.errors import InputError
-from vitdecomp.textspan import Moments, textspan, textspan_batched, textspan_one
+from vitdecomp.fit.textspan import Moments, textspan, textspan_batched, textspan_one
 
 
 def direct_textspan(X: np.ndarray, T: np.ndarray, m: int, rank: int):

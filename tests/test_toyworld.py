@@ -67,14 +67,16 @@ def test_toy_architectures_load_by_name_and_decompose_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp_path, capsys):
-    from vitdecomp.demo import run
+def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp_path):
+    from vitdecomp.toyworld.demo import run
 
-    s = run(str(tmp_path), small=True)
-    out = capsys.readouterr().out
-    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7 fit", "6/7 query", "7/7 report"):
-        assert stage in out
-    assert "not in this demo yet" not in out
+    lines = []
+    s = run(str(tmp_path), small=True, progress=lines.append)
+    assert [t.split(" ", 1)[0] for t in s["stages"]] == [f"{i}/7" for i in range(1, 8)]
+    assert s["stages"][4].startswith("5/7 fit") and s["stages"][5].startswith("6/7 query")
+    out = "\n".join(lines)
+    for stage in s["stages"]:
+        assert f"[demo] {stage} ..." in out and f"[demo] {stage}: done in" in out
     assert os.path.exists(s["metadata"])
     for k in ("classifier", "clip"):
         assert os.path.exists(s["models"][k]["checkpoint"]) and not s["models"][k]["cached"]

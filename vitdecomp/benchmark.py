@@ -1,17 +1,19 @@
-"""Benchmarks that print ratios measured in one run (``python jobs/benchmark.py <name> --help``).
+"""Benchmarks that measure ratios in one run (`vitdecomp benchmark <name>` prints them).
 
 ``overhead``: plain forward vs. per-head decomposition of the same model on the same batch, in one
 process, interleaved repetitions; median times, their ratio and peak memory of each mode.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 from typing import Callable, Optional
 
 import torch
+
+from .engine import components_for, decompose, plan_for
+from .models import load_model
 
 
 def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: int, q) -> None:
@@ -20,12 +22,10 @@ def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: in
 
     import psutil
 
-    import vitdecomp as vd
 
-    torch.manual_seed(seed)
-    lm = vd.load_model(model, pretrained=False)
+    lm = load_model(model, pretrained=False, seed=seed)
     x = torch.randn(batch, 3, *lm.image_size)
-    plan = vd.engine.plan_for(lm.vision)
+    plan = plan_for(lm.vision)
     proc = psutil.Process()
     base = peak = proc.memory_info().rss
     done = threading.Event()
@@ -41,7 +41,7 @@ def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: in
     if mode == "plain":
         _no_grad(plan.readout, x)
     else:
-        vd.decompose(lm, x, heads=heads, blocks=blocks)
+        decompose(lm, x, heads=heads, blocks=blocks)
     done.set()
     t.join()
     q.put(max(peak, proc.memory_info().rss) - base)
@@ -56,19 +56,17 @@ def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=No
     every millisecond, is reported; in one process the allocator's cached heap would hide peaks.
     """
     if device is not None and device.type == "cuda":
-        import vitdecomp as vd
-
-        torch.manual_seed(seed)
-        lm = vd.load_model(model, pretrained=False, device=device)
+    
+        lm = load_model(model, pretrained=False, device=device, seed=seed)
         x = torch.randn(batch, 3, *lm.image_size, device=device)
-        plan = vd.engine.plan_for(lm.vision)
+        plan = plan_for(lm.vision)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         if mode == "plain":
             _no_grad(plan.readout, x)
         else:
-            vd.decompose(lm, x, heads=heads, blocks=blocks)
+            decompose(lm, x, heads=heads, blocks=blocks)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     import multiprocessing as mp
@@ -106,13 +104,11 @@ def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: in
              dtype: str = "fp32", heads: bool = True, blocks: Optional[list[int]] = None, threads: Optional[int] = None,
              seed: int = 0) -> dict:
     """Time a plain forward and a decomposition, interleaved, ``reps`` times each; return the figures."""
-    import vitdecomp as vd
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    lm = vd.load_model(model, pretrained=False, device=dev)
+    lm = load_model(model, pretrained=False, device=dev, seed=seed)
     x = torch.randn(batch, 3, *lm.image_size, device=dev)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
@@ -124,9 +120,9 @@ def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: in
                 return fn()
         return call
 
-    plan = vd.engine.plan_for(lm.vision)
+    plan = plan_for(lm.vision)
     plain = run(lambda: _no_grad(plan.readout, x))
-    decomp = run(lambda: vd.decompose(lm, x, heads=heads, blocks=blocks))
+    decomp = run(lambda: decompose(lm, x, heads=heads, blocks=blocks))
     plain(), decomp()                                   # warm-up (allocator, kernels, hooks)
     t_plain, t_dec = [], []
     for _ in range(reps):
@@ -149,17 +145,6 @@ def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: in
 def _no_grad(fn, x):
     with torch.inference_mode():
         return fn(x)
-
-
-def print_overhead(r: dict) -> None:
-    print(f"overhead  model={r['model']} device={r['device']} dtype={r['dtype']} batch={r['batch']} "
-          f"reps={r['reps']} components={r['components']} d={r['d']}")
-    print(f"  plain forward     median {r['plain_s']:.3f} s   peak +{r['plain_peak_mib']:.0f} MiB")
-    print(f"  decompose (heads) median {r['decompose_s']:.3f} s   peak +{r['decompose_peak_mib']:.0f} MiB "
-          f"(contributions {r['contributions_mib']:.1f} MiB)")
-    print(f"  ratio decompose/plain = {r['ratio']:.3f}  (per repetition: "
-          + ", ".join(f"{v:.3f}" for v in r["ratio_per_rep"]) + ")")
-    print(f"  reconstruction error max = {r['residual']:.2e}")
 
 
 class TreeMemory:
@@ -211,7 +196,8 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
     import ray
     from PIL import Image
 
-    from .decompose_job import DecomposeConfig, run
+    from .config import DecomposeConfig
+    from .pipeline import run_decompose as run
 
     work = workdir or tempfile.mkdtemp(prefix="vitdecomp-bench-")
     rng = np.random.default_rng(0)
@@ -242,7 +228,7 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
     plain, _ = one(small, "plain", readout_only=True)
     dec, mem_n = one(small, "dec")
     dec10, mem_10n = one(large, "dec10")
-    from .storage import open_store
+    from .store import open_store
 
     st = open_store(os.path.join(work, "dec"))
     K, d = len(st.names), st.manifest["d"]
@@ -255,68 +241,14 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
             "large_images_per_s": dec10.images_per_s}
 
 
-def print_job(r: dict) -> None:
-    print(f"job  model={r['model']} format={r['format']} N={r['images']} components={r['components']} d={r['d']}")
-    print(f"  readout-only job  {r['plain_images_per_s']:.1f} images/s steady "
-          f"({r['plain_wall_images_per_s']:.1f} incl. start-up)")
-    print(f"  decompose job     {r['decompose_images_per_s']:.1f} images/s steady "
-          f"({r['decompose_wall_images_per_s']:.1f} incl. start-up)   ratio {r['throughput_ratio']:.3f} (target >= 0.8)")
-    print(f"  peak memory (driver + local Ray)  N: {r['peak_mib_n']:.0f} MiB   {r['scale']}N: {r['peak_mib_10n']:.0f} "
-          f"MiB   ratio {r['memory_ratio']:.3f} (target <= 1.1)")
-    print(f"  stored bytes/image {r['bytes_per_image']:.0f} = {r['bytes_ratio']:.3f} x components*d*2 (target <= 1.05)")
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="performance benchmarks (ratios measured in one run)",
-                       description="Performance benchmarks. Each prints the ratios its targets are stated in.")
-    bsub = p.add_subparsers(dest="benchmark", required=True)
-    o = bsub.add_parser("overhead", help="plain forward vs per-head decomposition, same model and batch",
-                        description="Time a plain forward and a per-head decomposition of the same random-"
-                                    "initialised model on the same batch in one process (interleaved repetitions, "
-                                    "medians), print both, their ratio and the peak memory of one call of each (fp32). Target: <= 1.15x on CPU, "
-                                    "<= 1.1x on GPU for timm:vit_base_patch16_224, batch 32.")
-    o.add_argument("--model", default="timm:vit_base_patch16_224", help="timm:<name> or open_clip:<arch> (random init)")
-    o.add_argument("--batch", type=int, default=32, help="images per batch (default 32)")
-    o.add_argument("--reps", type=int, default=5, help="timed repetitions of each mode (default 5)")
-    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or autocast bf16/fp16")
-    o.add_argument("--no-heads", dest="heads", action="store_false", help="layer granularity instead of heads")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    j = bsub.add_parser("job", help="decompose job vs readout-only job: images/s, memory at N and 10N, bytes/image",
-                        description="Run the decompose job and a plain embedding job (same pipeline, readout only) "
-                                    "on the same generated images; print images/s of both and their ratio (target "
-                                    ">= 0.8), peak memory at N and 10N images (target <= 1.1x) and stored bytes per "
-                                    "image / (components x d x 2) (target <= 1.05).")
-    j.add_argument("--model", default="timm:deit_tiny_patch16_224", help="model (random init)")
-    j.add_argument("--images", type=int, default=500, help="N (default 500)")
-    j.add_argument("--scale", type=int, default=10, help="memory is compared at N and scale*N (default 10)")
-    j.add_argument("--format", default="lance", choices=["lance", "parquet"])
-    j.add_argument("--batch-size", type=int, default=32)
-    j.add_argument("--workdir", default=None, help="where images and stores go (default: a temp dir)")
-    j.set_defaults(func=lambda a: print_job(job(a.model, a.images, a.scale, a.format, a.batch_size, a.workdir)))
-    t = bsub.add_parser("toyworld", help="planted-truth figures of the toy world",
-                        description="Tiny-CLIP zero-shot accuracy per attribute; classifier per-group and worst-group "
-                                    "accuracy before and after mean-ablating the components that push towards the "
-                                    "background's class (ranked on validation, evaluated on test; random components "
-                                    "as a control), over several training seeds; TextSpan's first texts per head. "
-                                    "Trains missing seeds' models (about 1.5 min each) into the demo's cache.")
-    t.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
-    t.add_argument("--k", type=int, nargs="+", default=[5, 8], help="numbers of ablated components (default 5 8)")
-    t.add_argument("--workdir", default=".vitdecomp-demo", help="the demo's working directory (world and cache)")
-    t.set_defaults(func=lambda a: print_toyworld(toyworld(a.seeds, tuple(a.k), a.workdir)))
-    o.set_defaults(func=lambda a: print_overhead(overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
-                                                          threads=a.threads)))
-
-
 # ----------------------------------------------------------------------------------- toy world
 def _decompose_split(lm, world: str, split: str, batch: int = 256):
     import numpy as np
 
-    import vitdecomp as vd
     from .toyworld.train import load_images
 
     x, rows = load_images(world, split, lm.transform)
-    parts = [vd.decompose(lm, x[i:i + batch]).contributions.numpy() for i in range(0, len(x), batch)]
+    parts = [decompose(lm, x[i:i + batch]).contributions.numpy() for i in range(0, len(x), batch)]
     return np.concatenate(parts), rows
 
 
@@ -326,10 +258,11 @@ def _aligned_background_ranking(clf, clip, world: str, cv, names, cache_dir: Opt
     import numpy as np
     import torch.nn.functional as F
 
-    from .compalign import AlignConfig, fit
-    from .compattribute import Sums, basis, scores
-    from .demo import WORLD_PROPERTIES
-    from .text import encode_texts
+    from .config import AlignConfig
+    from .fit.compalign import fit
+    from .query.compattribute import Sums, basis, scores
+    from .toyworld.demo import WORLD_PROPERTIES
+    from .fit.text import encode_texts
     from .toyworld.train import load_images
 
     ctr, rows = _decompose_split(clf, world, "train")
@@ -365,7 +298,7 @@ def spurious_ablation(clf, world: str, ks=(5, 8), clip=None, cache_dir: Optional
     b = clf.model.head.bias.detach().numpy().astype(np.float64)
     cv, rv = _decompose_split(clf, world, "val")
     ct, rt = _decompose_split(clf, world, "test")
-    names = [c.name for c in __import__("vitdecomp").components_for(clf)]
+    names = [c.name for c in components_for(clf)]
     bg_class = lambda r: 0 if r["background"] == "water" else 1                     # noqa: E731 (train: warm↔water)
     sgn = np.array([1.0 if bg_class(r) == 0 else -1.0 for r in rv])
     push = np.einsum("nkd,d->nk", cv, W[0] - W[1]) * sgn[:, None]                   # towards the bg class
@@ -421,9 +354,8 @@ def toyworld(seeds: int = 3, ks=(5, 8), workdir: str = ".vitdecomp-demo") -> dic
     """Planted-truth figures of the toy world (a finding to report, not a target to tune towards)."""
     import numpy as np
 
-    import vitdecomp as vd
-    from .textspan import Moments, textspan_one
-    from .text import encode_texts
+    from .fit.textspan import Moments, textspan_one
+    from .fit.text import encode_texts
     from .toyworld.generate import COLOR_NAMES, SCENES, SHAPES, TEXTURES, WorldConfig, generate, vocabulary_pool
     from .toyworld.registry import TOY_CLIP, TOY_VIT
     from .toyworld.train import TrainConfig, ensure_models, zero_shot_accuracy
@@ -438,15 +370,15 @@ def toyworld(seeds: int = 3, ks=(5, 8), workdir: str = ".vitdecomp-demo") -> dic
         models = ensure_models(world, wcfg.key(), cache, TrainConfig(seed=s),
                                only=("classifier", "clip") if s == 0 else ("classifier",))
         if s == 0:
-            clip = vd.load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
-        clf = vd.load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
+            clip = load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
+        clf = load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
         runs.append(spurious_ablation(clf, world, ks, clip=clip, cache_dir=os.path.join(cache, "text")))
     zs = zero_shot_accuracy(clip, world, "test")
     # TextSpan on the tiny CLIP's heads (test split), first text per head and its attribute
     pool = vocabulary_pool()
     texts = encode_texts(clip, pool, cache_dir=os.path.join(cache, "text"))
     contrib, _ = _decompose_split(clip, world, "test")
-    comps = vd.components_for(clip)
+    comps = components_for(clip)
     colors = {n for _, n in COLOR_NAMES}
     scenes = {s for f in SCENES.values() for s in f} | set(SCENES)
 
@@ -466,41 +398,3 @@ def toyworld(seeds: int = 3, ks=(5, 8), workdir: str = ".vitdecomp-demo") -> dic
         res = textspan_one(mo.n, mo.mean[0], mo.xtx[0], texts, m=3, rank=32)
         spans[c.name] = [(pool[i], attribute(pool[i])) for i in res.picks]
     return {"zero_shot": zs, "runs": runs, "textspan": spans, "ks": list(ks)}
-
-
-def print_toyworld(r: dict) -> None:
-    import numpy as np
-
-    print("toyworld  tiny CLIP zero-shot accuracy (test): " +
-          ", ".join(f"{a} {v:.3f}" for a, v in r["zero_shot"].items()))
-    print(f"  classifier per-group accuracy on test, {len(r['runs'])} seeds (mean ± sd):")
-    keys = ["before"] + [f"{p}{k}" for k in r["ks"] for p in ("top", "compattribute", "random")
-                         if f"{p}{k}" in r["runs"][0]]
-    for key in keys:
-        worst = [run[key]["worst"] for run in r["runs"]]
-        mean = [run[key]["mean"] for run in r["runs"]]
-        groups = r["runs"][0][key]["groups"]
-        print(f"    {key.replace('top', 'signed'):<14s} worst-group {np.mean(worst):.3f} ± {np.std(worst):.3f}   mean-group {np.mean(mean):.3f}   "
-              f"(seed 0: " + ", ".join(f"{g} {a:.2f}" for g, a in groups.items()) + ")")
-    for k in r["ks"]:
-        gain = [run[f"top{k}"]["worst"] - run["before"]["worst"] for run in r["runs"]]
-        print(f"    signed top-{k} ablation changes worst-group by {np.mean(gain) * 100:+.1f} points "
-              f"(per seed: {', '.join(f'{g * 100:+.1f}' for g in gain)}); target +10")
-        print(f"      ablated (seed 0): {', '.join(r['runs'][0][f'top{k}']['ablated'])}")
-    print("  TextSpan on the tiny CLIP's heads (test split): first texts and their attribute")
-    for name, picks in r["textspan"].items():
-        print(f"    {name:<34s} " + " | ".join(f"{t} [{a}]" for t, a in picks))
-    if "ranking" in r["runs"][0]:
-        print("  do the components ranked highest for the background property do it? (validation split; "
-              "'gain' = worst-group gain when a component alone is mean-ablated)")
-        rk = [run["ranking"] for run in r["runs"]]
-        for name in ("compattribute", "signed"):
-            print(f"    {name:<13s} ranking: Spearman with gain {np.mean([x[f'spearman_{name}_vs_gain'] for x in rk]):+.2f}; "
-                  + ", ".join(f"top-{k} overlap with the top-{k} by gain {np.mean([x[f'overlap{k}_{name}'] for x in rk]):.2f}"
-                              for k in r["ks"]))
-        print(f"    top by gain (seed 0): {', '.join(rk[0]['gain_top'])}")
-        for k in r["ks"]:
-            gain = [run[f"compattribute{k}"]["worst"] - run["before"]["worst"] for run in r["runs"]]
-            print(f"    CompAttribute top-{k} ablation changes test worst-group by {np.mean(gain) * 100:+.1f} points "
-                  f"(per seed: {', '.join(f'{g * 100:+.1f}' for g in gain)}); ablated (seed 0): "
-                  f"{', '.join(r['runs'][0][f'compattribute{k}']['ablated'])}")

@@ -24,6 +24,19 @@ from .errors import InputError, UnknownModelError
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("timm", "open_clip")
+_EXTENSIONS: list[str] = []        # modules that register architectures with timm/open_clip on import
+
+
+def register_extension(module: str) -> None:
+    """Record that importing ``module`` registers model architectures (e.g. ``vitdecomp.toyworld``), so
+    that Ray workers import it before they build a model by name."""
+    if module not in _EXTENSIONS:
+        _EXTENSIONS.append(module)
+
+
+def extension_modules() -> tuple[str, ...]:
+    """Modules that registered architectures in this process (see :func:`register_extension`)."""
+    return tuple(_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -106,9 +119,6 @@ def _suggest(what: str, name: str, choices: list[str]) -> str:
 def check_name(name: str, pretrained: Union[bool, str, None] = None) -> tuple[str, str]:
     """Validate a model name (and weights tag) without building anything."""
     lib, arch = parse_name(name)
-    from .toyworld.registry import register
-
-    register()                       # the toy world's named architectures
     if lib == "timm":
         import timm
 
@@ -161,6 +171,13 @@ def load_state_dict(path: str) -> dict:
     return sd
 
 
+def _seeded(seed: int, build):
+    """``build()`` with the CPU RNG seeded by ``seed`` and restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _fetch(build, name: str, tag):
     """Build a model; a failed weights download becomes one clear error."""
     try:
@@ -169,7 +186,7 @@ def _fetch(build, name: str, tag):
         if tag and any(w in str(e) for w in ("download", "Hub", "connection", "resolve")):
             raise UnknownModelError(
                 f"could not fetch the weights of {name} (tag {tag!r}): {str(e)[:300]}. Put them in the Hugging Face "
-                "cache first (HF_HOME), or download the file and pass checkpoint=<path> (--checkpoint)") from e
+                "cache first (HF_HOME), or download the file and pass checkpoint=<path>") from e
         raise
 
 
@@ -180,6 +197,7 @@ def load_model(
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
     load_weights: bool = True,
+    seed: int = 0,
     **model_kwargs,
 ) -> LoadedModel:
     """Build a model by name, in eval mode, with its own preprocessing.
@@ -190,6 +208,8 @@ def load_model(
         checkpoint: local weights file loaded into the architecture (strict).
         load_weights: ``False`` builds the architecture with the preprocessing of ``pretrained`` but
             downloads and loads nothing (a driver that only needs components and transforms).
+        seed: random-initialised parameters are drawn from this seed, under ``torch.random.fork_rng``
+            (the global RNG is left alone), so a model name and a seed identify random weights.
         model_kwargs: passed to ``timm.create_model`` / ``open_clip.create_model_and_transforms``.
     """
     lib, arch = check_name(name, pretrained)
@@ -205,8 +225,8 @@ def load_model(
         base, _, name_tag = arch.partition(".")
         tag = name_tag or tag
         full = f"{base}.{tag}" if tag else base
-        model = _fetch(lambda: timm.create_model(full, pretrained=bool(pretrained) and load_weights, **model_kwargs),
-                       name, tag)
+        model = _fetch(lambda: _seeded(seed, lambda: timm.create_model(
+            full, pretrained=bool(pretrained) and load_weights, **model_kwargs)), name, tag)
         if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         cfg = resolve_data_config({}, model=model)
@@ -226,8 +246,8 @@ def load_model(
             for key in ("mean", "std", "interpolation", "resize_mode"):
                 if pcfg.get(key) is not None:
                     model_kwargs.setdefault(f"image_{key}", pcfg[key])
-        model, _, transform = _fetch(lambda: open_clip.create_model_and_transforms(
-            arch, pretrained=tag if load_weights else None, **model_kwargs), name, tag)
+        model, _, transform = _fetch(lambda: _seeded(seed, lambda: open_clip.create_model_and_transforms(
+            arch, pretrained=tag if load_weights else None, **model_kwargs)), name, tag)
         if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         v = model.visual
@@ -320,24 +340,24 @@ def reference_layout(key: str) -> ReferenceLayout:
 
 def rebuild_model(manifest: dict, checkpoint: Optional[str] = None, device: str = "cpu"):
     """The store's model exactly as the decompose job built it (weights tag or checkpoint with the
-    recorded SHA-256; random-init models from ``torch.manual_seed(0)``) — same preprocessing."""
+    recorded SHA-256; random-init models from the recorded seed) — same preprocessing."""
     mm = manifest["model"]
     want_sha = mm.get("checkpoint_sha256")
     if want_sha and not checkpoint:
         raise InputError(f"the store was made with the checkpoint {mm.get('checkpoint')!r} "
-                         f"(SHA-256 {want_sha[:12]}…): pass its path with --checkpoint")
+                         f"(SHA-256 {want_sha[:12]}…): pass its path as the checkpoint")
     if checkpoint and not want_sha:
         raise InputError(f"the store was made without a checkpoint ({mm['name']}, weights "
-                         f"{mm.get('pretrained') or 'random init, seed 0'}); drop --checkpoint")
+                         f"{mm.get('pretrained') or 'random init, seed %d' % mm.get('seed', 0)}); drop the checkpoint")
     if checkpoint:
         if not os.path.isfile(checkpoint):
-            raise InputError(f"--checkpoint {checkpoint!r} does not exist")
+            raise InputError(f"checkpoint {checkpoint!r} does not exist")
         got = sha256_file(checkpoint)
         if got != want_sha:
-            raise InputError(f"--checkpoint {checkpoint!r} (SHA-256 {got[:12]}…) is not the checkpoint the store was "
+            raise InputError(f"checkpoint {checkpoint!r} (SHA-256 {got[:12]}…) is not the checkpoint the store was "
                              f"made with ({mm.get('checkpoint')!r}, SHA-256 {want_sha[:12]}…)")
-    torch.manual_seed(0)                   # as DecomposeWorker: random-init models are built from seed 0
-    lm = load_model(mm["name"], pretrained=mm.get("pretrained") or False, checkpoint=checkpoint, device=device)
+    lm = load_model(mm["name"], pretrained=mm.get("pretrained") or False, checkpoint=checkpoint, device=device,
+                    seed=int(mm.get("seed", 0)))
     if json.dumps(lm.preprocess, sort_keys=True) != json.dumps(manifest.get("preprocess"), sort_keys=True):
         raise InputError(f"the rebuilt {mm['name']} preprocesses images differently from the store "
                          f"({lm.preprocess} vs {manifest.get('preprocess')}): the installed timm/open_clip "

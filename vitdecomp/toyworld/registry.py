@@ -24,7 +24,10 @@ def register() -> None:
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
 
+    from ..models import register_extension
+
     open_clip.add_model_config(os.path.join(os.path.dirname(__file__), "vitdecomp-toy-clip.json"))
+    register_extension("vitdecomp.toyworld")
 
     @register_model
     def vitdecomp_toy_vit(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,

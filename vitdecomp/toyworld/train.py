@@ -52,10 +52,9 @@ def load_images(world_dir: str, split: str, transform: Callable, limit: Optional
 
 def _trainable(name: str, world_dir: str, cfg: TrainConfig):
     """A freshly seeded model in training mode with gradients on, and the training split for it."""
-    import vitdecomp as vd
+    from ..models import load_model
 
-    torch.manual_seed(cfg.seed)
-    lm = vd.load_model(name)
+    lm = load_model(name, seed=cfg.seed)
     for p in lm.model.parameters():
         p.requires_grad_(True)
     x, rows = load_images(world_dir, "train", lm.transform, cfg.max_train)

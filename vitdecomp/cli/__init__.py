@@ -1,0 +1,69 @@
+"""The ``vitdecomp`` command line: ``vitdecomp <command> --help`` explains every option.
+
+One module per command (:mod:`.decompose`, :mod:`.fit`, :mod:`.query`, :mod:`.demo`,
+:mod:`.benchmark`): flags → a frozen config (:mod:`vitdecomp.config`) → one library call → the
+result printed. Only this package parses flags or prints. ``jobs/<command>.py`` are thin wrappers
+around the same entry points, so ``python jobs/decompose.py ...`` and ``ray job submit -- python
+jobs/decompose.py ...`` work from a checkout. Building the parser imports no torch or Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..version import __version__
+    from . import benchmark, decompose, demo, fit, query
+
+    p = argparse.ArgumentParser(prog="vitdecomp", description="Exact per-component decomposition of vision models "
+                                "over whole datasets: decompose, fit, query.")
+    p.add_argument("--version", action="version", version=f"vitdecomp {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    demo.add_parser(sub)
+    decompose.add_parser(sub)
+    fit.add_parser(sub)
+    query.add_parser(sub)
+    benchmark.add_parser(sub)
+    return p
+
+
+def error_line(command: str, e: Exception) -> str:
+    """One line for a user error: what, where and how to fix (an option named as its flag)."""
+    from ..config import OptionError
+    from .options import flag
+
+    if isinstance(e, OptionError):
+        return f"vitdecomp {command}: error: {flag(e.option)}: {e.message}"
+    return f"vitdecomp {command}: error: {e}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..errors import VitdecompError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitdecomp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    command = " ".join(x for x in (args.command, getattr(args, "fit", None), getattr(args, "query", None),
+                                   getattr(args, "benchmark", None)) if x)
+    try:
+        rc = args.func(args)
+    except VitdecompError as e:
+        print(error_line(command, e), file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def run_job(command: str) -> None:
+    """Entry point of ``jobs/<command>.py``: ``python jobs/<command>.py [options]``."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""The decomposition engine: hooks in, one forward pass of the unmodified model, contributions out.
+
+``z = Σ_k c_k`` exactly (SPEC §2): every component's branch output is pooled over the readout
+positions as the model runs, carried through the branch gains (LayerScale) and then through the
+frozen affine readout chain (final norm, pooled norm, projection, optional L2 normalisation).
+Memory is O(B·K·D) plus the requested token maps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import names as N
+from ..errors import InputError
+from .names import Component
+from .rules.affine import CONVENTIONS, apply_map, matrix_map, norm_map
+from .rules.attention import AttnResult
+from .rules.models import ModelPlan, plan_for
+from .rules.pool import Pooling
+from .rules.spatial import SpatialPlan, pool_positions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decomposition:
+    """Result of :func:`decompose`.
+
+    ``contributions [B, K, d]`` (float32, or float64 for a float64 model) sum over ``K`` to
+    ``readout [B, d]``, the upstream model's own output. ``tokens[name]`` is ``[B, N, d]`` over all
+    ``N`` sequence positions (prefix tokens first) and sums over ``N`` to ``self[name]``: source
+    tokens of the readout query for CLS/mean-pooled ViTs; for per-position readouts (attention
+    pool, Swin, MaxViT) the head's direct effect at each position of its stream, ``N = gh·gw`` of its
+    stage in image coordinates (``token_grids[name]``), see :meth:`token_map`.
+
+    ``pool_heads [B, Hp, d]`` (attention-pool readouts, SigLIP): a second, coarser view of the same
+    readout — the pool's attention output per pool head (values of the real last stream, value bias
+    included), carried through the linear part of the readout chain. With the pool's
+    out-projection bias and ``attn_pool.mlp`` they sum to the readout (before the chain's offsets).
+    """
+
+    names: list[str]
+    components: list[Component]
+    contributions: Tensor
+    readout: Tensor
+    tokens: dict[str, Tensor]
+    convention: str
+    normalized: bool
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+    diagnostics: dict = field(default_factory=dict)
+    token_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pool_heads: Optional[Tensor] = None
+
+    def index(self, name: str) -> int:
+        return N.select(self.names, [name])[0]
+
+    def __getitem__(self, name: str) -> Tensor:
+        """Contribution of one component, ``[B, d]``."""
+        return self.contributions[:, self.index(name)]
+
+    def residual(self) -> Tensor:
+        """Relative reconstruction error ``‖Σ_k c_k − z‖ / ‖z‖`` per image, ``[B]``."""
+        err = (self.contributions.sum(1) - self.readout).norm(dim=-1)
+        return err / self.readout.norm(dim=-1).clamp_min(torch.finfo(self.readout.dtype).tiny)
+
+    def top(self, image: int = 0, n: int = 10, direction: Optional[Tensor] = None) -> list[tuple[str, float]]:
+        """The ``n`` largest components of one image.
+
+        Without ``direction``, by their projection on the readout direction ``⟨c_k, z⟩/‖z‖`` (the
+        terms sum to ``‖z‖``); with ``direction [d]``, by ``⟨c_k, direction⟩``.
+        """
+        c = self.contributions[image]
+        d = self.readout[image] / self.readout[image].norm() if direction is None else direction.to(c)
+        score = c @ d
+        order = score.abs().argsort(descending=True)[:n]
+        return [(self.names[i], float(score[i])) for i in order]
+
+    def pool_view(self) -> "Decomposition":
+        """The attention-pool (SigLIP MAP) readout decomposed at the pool itself: one component per pool
+        head, ``attn_pool.head.<p>`` (the latent query's attention output of head ``p`` over the real
+        last stream, value bias included, carried through the readout chain), ``attn_pool.mlp``, and
+        ``bias`` (the out-projection bias and the chain's offsets: input-independent). Exact: the three
+        sum to the readout. Every upstream block acts only through the pool's attention here, so it
+        has no direct effect of its own; the default view carries each upstream component through
+        the pool's frozen attention instead."""
+        if self.pool_heads is None:
+            raise InputError("pool_view() needs an attention-pool readout (SigLIP's MAP head); this model has none")
+        mlp = [i for i, c in enumerate(self.components) if c.kind == "mlp" and c.path.endswith("attn_pool.mlp")]
+        path = self.components[mlp[0]].path.rsplit(".mlp", 1)[0] if mlp else "attn_pool"
+        heads = [Component(f"{path}.head.{p}", "head", path, None, p) for p in range(self.pool_heads.shape[1])]
+        parts = [self.pool_heads] + ([self.contributions[:, mlp]] if mlp else [])
+        rest = torch.cat(parts, 1)
+        bias = self.readout - rest.sum(1)
+        comps = heads + [self.components[i] for i in mlp] + [Component(N.BIAS, "bias", "")]
+        return Decomposition(names=[c.name for c in comps], components=comps,
+                             contributions=torch.cat([rest, bias[:, None]], 1), readout=self.readout, tokens={},
+                             convention=self.convention, normalized=self.normalized,
+                             num_prefix_tokens=self.num_prefix_tokens, grid=self.grid,
+                             diagnostics={"view": "attention pool"})
+
+    def token_map(self, name: str) -> Tensor:
+        """Per-patch contributions of a token-decomposed component in image coordinates, ``[B, gh, gw, d]``.
+
+        Prefix tokens (class, registers) are dropped; row ``i``, column ``j`` is the patch at that
+        place in the image. Hierarchical models (Swin, MaxViT) give the grid of the component's
+        stage (window partitions, grid partitions and cyclic shifts undone): cell ``(i, j)`` covers
+        the image rectangle ``[i·s, (i+1)·s) × [j·s, (j+1)·s)`` with ``s`` the stage's stride.
+        """
+        if name not in self.tokens:
+            raise InputError(f"no token contributions for {name!r}; pass tokens=[{name!r}] to decompose()")
+        grid = self.token_grids.get(name, self.grid)
+        t = self.tokens[name][:, self.num_prefix_tokens:]
+        return t.reshape(t.shape[0], *grid, t.shape[-1])
+
+
+@dataclass
+class _Ctx:
+    """What rules see while the model runs."""
+
+    pooling: Pooling
+    dtype: torch.dtype
+    heads: bool
+    layout: str
+    wanted_tokens: dict[str, list[int]]
+
+    def token_heads(self, attn_path: str) -> list[int]:
+        return self.wanted_tokens.get(attn_path, [])
+
+    def to_bnd(self, x: Tensor) -> Tensor:
+        return x if self.layout == "BND" else x.transpose(0, 1)
+
+    def exact(self):
+        """Engine math runs outside autocast, in the compute dtype."""
+        return torch.autocast(device_type="cuda", enabled=False) if torch.is_autocast_enabled("cuda") \
+            else (torch.autocast(device_type="cpu", enabled=False) if torch.is_autocast_enabled("cpu")
+                  else contextlib.nullcontext())
+
+
+def _unwrap(model) -> nn.Module:
+    return getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+
+
+def select_blocks(n_blocks: int, blocks: Optional[Iterable[int]]) -> list[int]:
+    """Validate a block selection: a contiguous run ending at the last block (negatives allowed)."""
+    if blocks is None:
+        return list(range(n_blocks))
+    try:
+        sel = sorted({int(b) + (n_blocks if int(b) < 0 else 0) for b in blocks})
+    except (TypeError, ValueError):
+        raise InputError(f"blocks must be a sequence of block indices, got {blocks!r}") from None
+    if not sel or sel[0] < 0 or sel[-1] >= n_blocks:
+        raise InputError(f"blocks {list(blocks)} out of range: the model has blocks 0..{n_blocks - 1}")
+    if sel != list(range(sel[0], n_blocks)):
+        raise InputError(f"blocks {sel} must be a contiguous run ending at the last block ({n_blocks - 1}), "
+                         f"e.g. range({sel[0]}, {n_blocks}); earlier blocks fold into 'embed'")
+    return sel
+
+
+def component_list(plan: ModelPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
+    """Ordered components: ``embed``, per block attention heads (or attention) then MLP, ``bias``."""
+    out = [Component(N.EMBED, "embed", "")]
+    for i, path, _, rule in plan.blocks:
+        if i not in blocks:
+            continue
+        if heads:
+            out += [Component(N.head_name(rule.attn_path, h), "head", rule.attn_path, i, h)
+                    for h in range(rule.attn.num_heads)]
+        else:
+            out.append(Component(rule.attn_path, "attn", rule.attn_path, i))
+        out.append(Component(rule.mlp_path, "mlp", rule.mlp_path, i))
+    out.append(Component(N.BIAS, "bias", ""))
+    return out
+
+
+def _blocks_of(plan, blocks) -> list[int]:
+    """``blocks`` as indices; a string names the first decomposed block by its module path."""
+    if isinstance(blocks, str):
+        paths = [b[1] for b in plan.blocks]
+        if blocks not in paths:
+            import difflib
+            raise InputError(f"blocks={blocks!r} is neither block indices nor a block path of this model; close matches: "
+                             f"{difflib.get_close_matches(blocks, paths, n=3) or paths[:3]}")
+        blocks = range(paths.index(blocks), len(paths))
+    return select_blocks(len(plan.blocks), blocks)
+
+
+def block_paths(model) -> list[str]:
+    """Module paths of the model's blocks, in order (index = the ``blocks`` option's index)."""
+    return [b[1] for b in plan_for(_unwrap(model)).blocks]
+
+
+def components_for(model, blocks: Optional[Union[Iterable[int], str]] = None, heads: bool = True) -> list[Component]:
+    """The component list :func:`decompose` would return, without running the model."""
+    plan = plan_for(_unwrap(model))
+    if isinstance(plan, SpatialPlan):
+        return _spatial_components(plan, _blocks_of(plan, blocks), heads)
+    return component_list(plan, _blocks_of(plan, blocks), heads)
+
+
+def _offset_weights(components: list[Component], convention: str, heads_per_block: Optional[dict] = None,
+                    dtype=torch.float32, device=None) -> Tensor:
+    """``w [K]``, Σ w = 1: who receives input-independent offsets (β, biases, uniform mean share).
+
+    ``uniform``: every layer-level slot (embedding, attention layer, MLP, conv branch) gets ``1/K``;
+    an attention layer's share is split evenly over its heads (counted per attention path, so
+    blocks with two attention layers — MaxViT — are two slots).
+    """
+    if convention == "centered":
+        w = [1.0 if c.kind == "bias" else 0.0 for c in components]
+    else:
+        heads_per_path: dict[str, int] = {}
+        for c in components:
+            if c.kind == "head":
+                heads_per_path[c.path] = heads_per_path.get(c.path, 0) + 1
+        slots = sum(c.kind in ("embed", "attn", "mlp", "conv") for c in components) + len(heads_per_path)
+        w = [0.0 if c.kind == "bias" else
+             1.0 / (slots * heads_per_path[c.path]) if c.kind == "head" else 1.0 / slots
+             for c in components]
+    return torch.tensor(w, dtype=dtype, device=device)
+
+
+def _check_images(images, plan: ModelPlan) -> None:
+    if not isinstance(images, Tensor):
+        raise InputError(f"images must be a float tensor (B, 3, H, W), got {type(images).__name__}; "
+                         "preprocess PIL images with the model's transform first")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise InputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}"
+                         + ("; add a batch dimension with images[None]" if images.dim() == 3 else ""))
+    if not images.is_floating_point():
+        raise InputError(f"images must be a float tensor (normalised pixels), got dtype {images.dtype}")
+    plan.check_input(images)
+
+
+def decompose(
+    model,
+    images: Tensor,
+    *,
+    blocks: Optional[Union[Iterable[int], str]] = None,
+    heads: bool = True,
+    tokens: Optional[Sequence[str]] = None,
+    convention: str = "centered",
+    normalize: bool = False,
+) -> Decomposition:
+    """Decompose the readout of ``model`` on ``images`` into additive component contributions.
+
+    Args:
+        model: an ``nn.Module`` (timm ViT, open_clip ViT or CLIP) in eval mode, or what
+            :func:`vitdecomp.load_model` returns.
+        images: preprocessed ``[B, 3, H, W]`` float tensor on the model's device.
+        blocks: indices of the decomposed blocks (a run ending at the last block), or the module
+            path of the first decomposed block (``"layers.2.blocks.14"``); earlier blocks fold into
+            ``embed``. Default: all.
+        heads: split attention into heads (``<attn>.head.<h>``) or keep one ``<attn>`` component.
+        tokens: component names (heads) whose per-source-token contributions to return.
+        convention: ``"centered"`` (default) or ``"uniform"`` (SPEC §2.2).
+        normalize: divide by ``‖z‖`` (CLIP embeddings as used for retrieval).
+
+    Returns:
+        :class:`Decomposition` with ``contributions [B, K, d]`` and ``readout [B, d]``.
+    """
+    net = _unwrap(model)
+    if convention not in CONVENTIONS:
+        raise InputError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if net.training:
+        raise InputError("the model is in training mode (dropout, stochastic depth active); call model.eval() first")
+    plan = plan_for(net)
+    _check_images(images, plan)
+    sel = _blocks_of(plan, blocks)
+    spatial = isinstance(plan, SpatialPlan)
+    comps = _spatial_components(plan, sel, heads) if spatial else component_list(plan, sel, heads)
+    names = [c.name for c in comps]
+    wanted: dict[str, list[int]] = {}
+    for t in tokens or ():
+        c = comps[N.select(names, [t])[0]]
+        if c.kind != "head":
+            raise InputError(f"token contributions are defined for attention heads; {t!r} is a {c.kind} "
+                             "(use heads=True and a name like 'blocks.11.attn.head.0')")
+        wanted.setdefault(c.path, []).append(c.head)
+    if spatial:
+        return _decompose_spatial(plan, net, images, sel, heads, wanted, convention, normalize)
+
+    param = next(net.parameters())
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    ctx = _Ctx(plan.pooling, dtype, heads, plan.layout, wanted)
+    chosen = [b for b in plan.blocks if b[0] in sel]
+    attn_out: dict[int, AttnResult] = {}
+    mlp_out: dict[int, Tensor] = {}
+    stream: dict[str, Tensor] = {}
+
+    def pooled(x: Tensor) -> Tensor:
+        with ctx.exact():
+            return plan.pooling.pool(ctx.to_bnd(x).to(dtype))
+
+    handles = []
+    try:
+        first = chosen[0][2]
+        handles.append(first.register_forward_pre_hook(lambda _, a: stream.__setitem__("embed", pooled(a[0]))))
+        handles.append(plan.blocks[-1][2].register_forward_hook(
+            lambda _, __, out: stream.__setitem__("final", pooled(out))))
+        for i, _, _, rule in chosen:
+            handles += rule.attn.hooks(ctx, lambda r, i=i: attn_out.__setitem__(i, r))
+            handles.append(rule.mlp.register_forward_hook(
+                lambda _, __, out, i=i: mlp_out.__setitem__(i, pooled(out))))
+        with torch.inference_mode():
+            z = plan.readout(images)
+    finally:
+        for h in handles:
+            h.remove()
+
+    with torch.inference_mode(), ctx.exact():
+        return _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z.to(dtype), convention,
+                         normalize, grid=plan.grid(tuple(images.shape[-2:])))
+
+
+def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention, normalize, grid) -> Decomposition:
+    dtype, dev = ctx.dtype, z.device
+    B = z.shape[0]
+
+    def gain(g: Optional[Tensor]) -> Tensor:
+        return torch.ones((), dtype=dtype, device=dev) if g is None else g.to(dtype)
+
+    parts = [stream["embed"]]
+    bias = torch.zeros_like(stream["embed"])
+    heads_per_block, raw_tokens, diag = {}, {}, {"head_sum_error": {}}
+    for i, _, _, rule in chosen:
+        g1, g2, a = gain(rule.gain1), gain(rule.gain2), attn_out[i]
+        if ctx.heads:
+            H = a.heads.shape[1]
+            heads_per_block[i] = H
+            recon = a.heads.sum(1) + a.bias
+            diag["head_sum_error"][rule.attn_path] = float(
+                ((recon - a.branch).norm(dim=-1) / a.branch.norm(dim=-1).clamp_min(1e-30)).max())
+            if convention == "uniform":          # the out-projection bias is split evenly over heads
+                parts += list((a.heads * g1 + a.bias * g1 / H).unbind(1))
+            else:
+                parts += list((a.heads * g1).unbind(1))
+                bias = bias + a.bias * g1
+            for h, t in a.tokens.items():
+                n = t.shape[1]
+                extra = a.bias * g1 / (H * n) if convention == "uniform" else 0.0
+                raw_tokens[N.head_name(rule.attn_path, h)] = (t * g1 + extra, i, H)
+        else:
+            parts.append(a.branch * g1)
+        parts.append(mlp_out[i] * g2)
+    parts.append(bias)
+    stack = torch.stack(parts, 1)                                        # [B, K, D] pooled stream terms
+    total = stream["final"]
+    diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
+
+    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
+    name_idx = {c.name: k for k, c in enumerate(comps)}
+    tok = {name: (t, w[name_idx[name]].expand(t.shape[1]) / t.shape[1]) for name, (t, _, _) in raw_tokens.items()}
+    stack, tok, _, z = _through_chain(plan.post, total, stack, tok, w, convention, normalize, z, diag)
+    return Decomposition(
+        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
+        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)
+
+
+def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, convention: str, normalize: bool,
+                   z: Tensor, diag: dict, extra: Optional[Tensor] = None):
+    """Carry the pooled terms ``stack [B, K, D]``, the token terms and an optional extra view
+    ``[B, ·, D]`` through the frozen readout chain ``post`` (norms and matrices, offsets shared by
+    ``w``; ``total`` is the running readout), then divide by ``‖z‖`` when ``normalize``."""
+    for op in post:
+        if op.spec is not None:
+            m, total = norm_map(op.spec, total, convention)
+        else:
+            m, total = matrix_map(op.weight, op.bias, total)
+        stack = apply_map(m, stack, w)
+        tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
+        extra = m.linear(extra) if extra is not None else None
+    if normalize:
+        scale = 1.0 / z.norm(dim=-1)
+        stack = stack * scale[:, None, None]
+        tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
+        extra = extra * scale[:, None, None] if extra is not None else None
+        z = z * scale[:, None]
+    diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
+    return stack, tok, extra, z
+
+
+# --------------------------------------------------------------------- per-position readouts
+def _spatial_components(plan: SpatialPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
+    out = [Component(N.EMBED, "embed", "")]
+    for u in plan.units:
+        if u.block not in blocks:
+            continue
+        if u.kind == "attn":
+            if heads:
+                out += [Component(N.head_name(u.name, h), "head", u.name, u.block, h) for h in range(u.num_heads)]
+            else:
+                out.append(Component(u.name, "attn", u.name, u.block))
+        else:
+            out.append(Component(u.name, u.ckind, u.name, u.block))
+    out += [Component(name, kind, name) for kind, name in plan.extra_components]
+    out.append(Component(N.BIAS, "bias", ""))
+    return out
+
+
+def _decompose_spatial(plan: SpatialPlan, net, images, sel, heads, wanted_tokens, convention, normalize):
+    comps = _spatial_components(plan, sel, heads)
+    param = next(net.parameters())
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    units = [u for u in plan.units if u.block in sel]
+    store: dict = {}
+    first = [b for b in plan.blocks if b[0] == sel[0]][0]
+    handles = []
+    try:
+        handles += plan.embed_hook(first[2], store)
+        handles += plan.hooks(store)
+        for u in units:
+            handles += u.hooks(store, u.name)
+        with torch.inference_mode():
+            z = plan.readout(images)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx = _Ctx(None, dtype, heads, plan.layout, {})
+    with torch.inference_mode(), ctx.exact():
+        return _assemble_spatial(plan, comps, units, store, z.to(dtype), sel, heads, wanted_tokens, convention,
+                                 normalize, dtype, tuple(images.shape[-2:]))
+
+
+def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, convention, normalize, dtype, hw):
+    first_level = plan.level_of_input(sel[0])
+    maps = plan.finalize(store, convention, first_level)
+    dev = z.device
+    W = {lvl: w.to(dtype) for lvl, w in maps.weights.items()}
+
+    def carry(level: int, u: Tensor) -> Tensor:
+        """Per-position terms ``u [B, N, D]`` of one component → its contribution ``[B, d]``."""
+        return maps.lin(level, pool_positions(W[level], u.to(dtype))[:, None])[:, 0]
+
+    def const(level: int, b: Tensor) -> Tensor:
+        """A per-position constant ``b [D]`` added to the stream at ``level`` → ``[B, d]``."""
+        mass = W[level].sum(-1)                                                   # [B, G]
+        return maps.lin(level, (mass[..., None] * b.to(dtype))[:, None])[:, 0]
+
+    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store[N.EMBED])}
+    bias = maps.offset.clone()
+    heads_per_block: dict[int, int] = {}
+    raw_tokens: dict[str, tuple] = {}
+    diag: dict = {"head_sum_error": {}}
+    for u in units:
+        x = store[u.name].to(dtype)                                               # [B, N, C] image coordinates
+        g = u.gain.to(dtype) if u.gain is not None else None
+        if u.kind != "attn":
+            values[u.name] = carry(u.level, x if g is None else x * g)
+            continue
+        H, dh = u.num_heads, u.head_dim
+        w_o = u.proj.weight.to(dtype).view(-1, H, dh)                             # [D, H, dh]
+        if g is not None:
+            w_o = w_o * g[:, None, None]
+        P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)             # [B, G, H, dh]
+        per_head = torch.einsum("bghd,ehd->bhge", P, w_o)                         # [B, H, G, D]
+        hv = maps.lin(u.level, per_head)                                          # [B, H, d]
+        b_o = u.proj.bias.to(dtype) * (g if g is not None else 1.0) if u.proj.bias is not None else None
+        bv = const(u.level, b_o) if b_o is not None else torch.zeros_like(hv[:, 0])
+        if heads:
+            heads_per_block[u.block] = H
+            if convention == "uniform":
+                hv = hv + bv[:, None] / H
+            else:
+                bias = bias + bv
+            for h in range(H):
+                values[N.head_name(u.name, h)] = hv[:, h]
+            # the unsplit out-projection of the same pooled input (checks the head split itself; the
+            # branch's real output is checked by the reconstruction of z)
+            real = maps.lin(u.level, (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
+            diag["head_sum_error"][u.name] = float(((hv.sum(1) + (0 if convention == "uniform" else bv) - real).norm(dim=-1)
+                                                    / real.norm(dim=-1).clamp_min(1e-30)).max())
+            for h in wanted.get(u.name, []):
+                terms = x.view(*x.shape[:2], H, dh)[:, :, h] @ w_o[:, h].T          # [B, N, D] head h per position
+                raw_tokens[N.head_name(u.name, h)] = (u.level, terms, bv / H if convention == "uniform" else None)
+        else:
+            values[u.name] = hv.sum(1) + bv
+    values.update({k: v.to(dtype) for k, v in maps.extra.items()})
+    values[N.BIAS] = torch.zeros_like(bias) if convention == "uniform" else bias
+    stack = torch.stack([values[c.name] for c in comps], 1)                      # [B, K, d]
+    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
+    if convention == "uniform":
+        stack = stack + w[None, :, None] * maps.offset[:, None, :]
+    total = maps.total.to(dtype)
+    diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
+
+    # token terms: direct effect of each position of the component's level, chunked over positions
+    name_idx = {c.name: k for k, c in enumerate(comps)}
+    tok = {}
+    for name, (level, terms, extra) in raw_tokens.items():
+        Wl, n = W[level], terms.shape[1]
+        chunks = []
+        for s in range(0, n, 256):
+            part = Wl[:, :, s:s + 256].transpose(1, 2)[..., None] * terms[:, s:s + 256, None, :]   # [B, n', G, D]
+            chunks.append(maps.lin(level, part))
+        t = torch.cat(chunks, 1)                                                 # [B, N, d]
+        k = name_idx[name]
+        if convention == "uniform":
+            t = t + (extra + w[k] * maps.offset)[:, None] / n
+        tok[name] = (t, w[k].expand(n) / n)
+    ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
+    stack, tok, ph, z = _through_chain(maps.post, total, stack, tok, w, convention, normalize, z, diag, ph)
+    grids = plan.grids(hw)
+    unit_level = {u.name: u.level for u in units}
+    token_grids = {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}
+    last = max(grids)
+    return Decomposition(
+        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
+        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[last], diagnostics=diag, token_grids=token_grids,
+        pool_heads=ph)

@@ -1,0 +1,564 @@
+"""Per-position readout plans (:mod:`.spatial`): SigLIP attention pool, per-token norm + mean pool,
+Swin and MaxViT. Everything is read from the unmodified upstream modules with forward hooks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import InputError, UnsupportedModuleError
+from .registry import rule_for
+from .affine import NormSpec, PostOp
+from .blocks import _gain
+from .spatial import ReadoutMaps, SpatialPlan, Unit, ln_stats, norm_linear, norm_offset
+
+
+def _store_input(store: dict, key: str, convert=lambda t: t):
+    def hook(_, args, kwargs=None):
+        store[key] = convert(args[0] if args else next(iter(kwargs.values())))
+    return hook
+
+
+def _store_output(store: dict, key: str, convert=lambda t: t):
+    def hook(_, __, out):
+        store[key] = convert(out)
+    return hook
+
+
+def _linear(path: str, mod: nn.Module) -> nn.Linear:
+    if not isinstance(mod, nn.Linear):
+        raise UnsupportedModuleError(f"{path}: {type(mod).__qualname__} is not an nn.Linear")
+    return mod
+
+
+def _ln(path: str, mod: nn.Module) -> NormSpec:
+    spec = rule_for("norm", path, mod)(mod)
+    if spec.kind not in ("layernorm", "rmsnorm", "identity"):
+        raise UnsupportedModuleError(f"{path}: norm kind {spec.kind} is not supported here")
+    return spec
+
+
+# ------------------------------------------------------------------------------ timm ViT blocks
+def _vit_units(m: nn.Module) -> tuple[list, list[Unit]]:
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    blocks, units = [], []
+    for i, blk in enumerate(m.blocks):
+        path = f"blocks.{i}"
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise UnsupportedModuleError(f"{path}: only timm Block with timm Attention is decomposed with an "
+                                         f"attention-pool or per-token-norm readout (got {type(blk).__qualname__})")
+        a = blk.attn
+        if not isinstance(a.norm, nn.Identity):
+            raise UnsupportedModuleError(f"{path}.attn.norm: attention sub-norm with this readout is not supported yet")
+        blocks.append((i, path, blk))
+        proj = _linear(f"{path}.attn.proj", a.proj)
+
+        def attn_hooks(store, key, a=a):
+            return [a.proj.register_forward_pre_hook(_store_input(store, key))]
+
+        def mlp_hooks(store, key, blk=blk):
+            return [blk.mlp.register_forward_hook(_store_output(store, key))]
+
+        units.append(Unit("attn", f"{path}.attn", "attn", i, 0, attn_hooks,
+                          _gain(path, ("ls1", blk.ls1), ("drop_path1", blk.drop_path1)),
+                          a.num_heads, a.head_dim, proj))
+        units.append(Unit("branch", f"{path}.mlp", "mlp", i, 0, mlp_hooks,
+                          _gain(path, ("ls2", blk.ls2), ("drop_path2", blk.drop_path2))))
+    return blocks, units
+
+
+def vit_spatial_plan(m: nn.Module, check, grid) -> SpatialPlan:
+    """timm ViT whose readout is an attention pool (SigLIP MAP head) or a per-token final norm
+    followed by mean pooling (SigLIP ``gap`` variants).
+
+    Attention pool (``latent_len == 1``): with the pool's attention probabilities ``α_h[n]`` (the
+    latent query over every token) and the final norm's per-token ``σ_n`` frozen, the pool's
+    attention output is ``Σ_h W_O,h (W_v,h (γ ⊙ C(Σ_n α_h[n] x[n]/σ_n) + β) + b_v,h) + b_O``: linear in
+    the last stream with one group per pool head. The pool's MLP (its residual branch) is the
+    component ``attn_pool.mlp``; ``fc_norm`` follows as a frozen norm of the pooled vector.
+    """
+    blocks, units = _vit_units(m)
+    npt = m.num_prefix_tokens
+    final = _ln("norm", m.norm)
+    pool = m.attn_pool
+    extra = []
+    if pool is not None:
+        from timm.layers.attention_pool import AttentionPoolLatent
+
+        if type(pool) is not AttentionPoolLatent:
+            raise UnsupportedModuleError(f"attn_pool: {type(pool).__qualname__} is not timm's AttentionPoolLatent")
+        if pool.latent_len != 1 or pool.pos_embed is not None:
+            raise UnsupportedModuleError("attn_pool: only a single latent query without pool position embedding "
+                                         "is decomposed")
+        if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
+            raise UnsupportedModuleError("attn_pool: q/k norms in the attention pool are not supported yet")
+        if pool.mlp is not None:
+            extra = [("mlp", "attn_pool.mlp")]
+        start = 0
+    else:
+        if m.global_pool != "avg":
+            raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r} is not decomposed")
+        start = 0 if m.pool_include_prefix else npt
+    if final.kind == "identity":
+        raise UnsupportedModuleError("norm: a per-position readout needs the final norm (this model has none)")
+    post = [_post_norm("fc_norm", m.fc_norm)]
+    rule_for("scale", "head_drop", m.head_drop)
+
+    def hooks(store):
+        hs = [m.norm.register_forward_pre_hook(_store_input(store, "final_in"))]
+        if pool is not None:
+            hs.append(pool.register_forward_pre_hook(_store_input(store, "pool_in")))
+            hs.append(pool.register_forward_hook(_store_output(store, "pool_out")))
+            if pool.mlp is not None:
+                hs.append(pool.mlp.register_forward_hook(_store_output(store, "pool_mlp")))
+        else:
+            hs.append(m.fc_norm.register_forward_pre_hook(_store_input(store, "pool_out")))
+        return hs
+
+    def finalize(store, convention, first_level) -> ReadoutMaps:
+        x = store["final_in"]
+        dt = x.dtype if x.dtype == torch.float64 else torch.float32
+        x = x.to(dt)
+        mu, sigma = ln_stats(x, final)                                           # [B, N, 1]
+        B, Ntok, D = x.shape
+        if pool is None:
+            n = Ntok - start
+            w = torch.zeros(B, 1, Ntok, dtype=dt, device=x.device)
+            w[:, 0, start:] = 1.0 / (n * sigma[:, start:, 0])
+            offset = norm_offset(final, (mu / sigma)[:, start:], convention).mean(1)
+
+            def lin(level, P):
+                return norm_linear(final, P[:, :, 0], convention)
+            return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), post=post)
+
+        H, dh = pool.num_heads, pool.head_dim
+        y = store["pool_in"].to(dt)                                              # = norm(x), [B, N, D]
+        q = torch.nn.functional.linear(pool.latent.to(dt), pool.q.weight.to(dt), _b(pool.q, dt)).reshape(1, H, dh)                                                  # latent_len == 1
+        w_kv = pool.kv.weight.to(dt)
+        b_kv = _b(pool.kv, dt) if pool.kv.bias is not None else torch.zeros(2 * D, dtype=dt, device=x.device)
+        k = (y @ w_kv[:D].T + b_kv[:D]).view(B, Ntok, H, dh)
+        alpha = torch.einsum("hd,bnhd->bhn", q[0], k).mul(pool.scale).softmax(-1)  # [B, H, N]
+        w = alpha / sigma[:, None, :, 0]                                         # [B, H, N]
+        w_v = w_kv[D:].view(H, dh, D)
+        b_v = b_kv[D:].view(H, dh)
+        w_o = pool.proj.weight.to(dt).view(D, H, dh)
+
+        def lin(level, P):                                                       # P [B, K, H, D]
+            v = torch.einsum("bkhe,hde->bkhd", norm_linear(final, P, convention), w_v)
+            return torch.einsum("bkhd,ehd->bke", v, w_o)
+
+        o_n = norm_offset(final, mu / sigma, convention)                         # [B, N, D] per-token offset
+        o_pool = torch.einsum("bhn,bne->bhe", alpha, o_n)                        # Σ α = 1 per head
+        v_off = torch.einsum("bhe,hde->bhd", o_pool, w_v) + b_v
+        offset = torch.einsum("bhd,ehd->be", v_off, w_o) + (_b(pool.proj, dt) if pool.proj.bias is not None else 0.0)
+        ex = {"attn_pool.mlp": store["pool_mlp"][:, 0].to(dt)} if pool.mlp is not None else {}
+        v_real = (y @ w_kv[D:].T + b_kv[D:]).view(B, Ntok, H, dh)              # the pool's real values
+        heads = torch.einsum("ehd,bhd->bhe", w_o, torch.einsum("bhn,bnhd->bhd", alpha, v_real))
+        return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), extra=ex, post=post, pool_heads=heads)
+
+    def embed_hook(module, store):
+        return [module.register_forward_pre_hook(_store_input(store, "embed"))]
+
+    def grids(hw):
+        return {0: grid(hw)}
+
+    return SpatialPlan(
+        family="timm-vit-map" if pool is not None else "timm-vit-gap", root=m, blocks=blocks, units=units,
+        readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), check_input=check,
+        embed_hook=embed_hook, level_of_input=lambda b: 0, hooks=hooks, finalize=finalize, grids=grids,
+        num_prefix_tokens=npt, extra_components=extra)
+
+
+def _b(lin: nn.Linear, dt) -> Optional[Tensor]:
+    return None if lin.bias is None else lin.bias.to(dt)
+
+
+def _post_norm(path: str, mod: nn.Module):
+
+    return PostOp(path, spec=rule_for("norm", path, mod)(mod))
+
+
+# ------------------------------------------------------------------------------ hierarchical helpers
+def _nhwc_seq(t: Tensor) -> Tensor:
+    """``[B, H, W, C]`` → ``[B, H·W, C]`` (row-major image coordinates)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _nchw_seq(t: Tensor) -> Tensor:
+    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+
+
+def _merge_weights(w_next: Tensor, inv: Tensor, hw: tuple[int, int], hw_next: tuple[int, int]) -> Tensor:
+    """Swin patch merging, adjoint: weights ``[B, G, N']`` of the merged level (times ``inv [B, N']``,
+    the merge norm's ``1/σ``) → ``[B, 4G, N]`` of the finer level. Group ``4g + j`` is slot ``j`` of the
+    merge's concatenation, ``j = 2·(x mod 2) + (y mod 2)`` (timm's flatten order)."""
+    B, G, _ = w_next.shape
+    (h, w), (h2, w2) = hw, hw_next
+    s = (w_next * inv[:, None]).view(B, G, h2, w2)
+    out = w_next.new_zeros(B, G, 4, h, w)
+    for yo in (0, 1):
+        for xo in (0, 1):
+            part = s[:, :, :(h - yo + 1) // 2, :(w - xo + 1) // 2]
+            out[:, :, 2 * xo + yo, yo::2, xo::2] = part
+    return out.view(B, 4 * G, h * w)
+
+
+def _window_unit_hooks(blk: nn.Module, proj: nn.Module, reverse, meta: dict):
+    """Hooks storing a windowed attention's out-projection input in image coordinates.
+
+    ``reverse(t [B·nW, ..., C], x_shape)`` → ``[B, H, W, C]`` undoes the partition (and shift);
+    ``x_shape`` is the block input's shape captured by a pre-hook on ``blk``.
+    """
+    def hooks(store, key):
+        def on_block(_, args):
+            meta["shape"] = tuple(args[0].shape)
+
+        def on_proj(_, args):
+            store[key] = _nhwc_seq(reverse(args[0], meta["shape"]))
+        return [blk.register_forward_pre_hook(on_block), proj.register_forward_pre_hook(on_proj)]
+    return hooks
+
+
+# ------------------------------------------------------------------------------------------ Swin
+def swin_plan(m: nn.Module) -> SpatialPlan:
+    """timm ``SwinTransformer``: shifted-window attention with relative position bias, patch merging.
+
+    Levels are the stages. Readout ``z = mean_n LN(x_L[n])`` (timm ``pre_logits``). Going back one
+    level through a patch merging ``W_red(γ ⊙ C(concat_j x[child_j])/σ' + β)``, every position keeps
+    its merge slot ``j``, so the weights of level ``l`` have ``4^(L-l)`` groups and ``F_l`` applies the
+    merges' ``γ``/centring/reduction to the grouped vectors. Head outputs are read from each
+    attention's out-projection input and put back in image coordinates with timm's own
+    ``window_reverse`` and the inverse cyclic shift.
+    """
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_reverse
+
+    head = m.head
+    gp = getattr(head, "global_pool", None)
+    if getattr(gp, "pool_type", None) != "avg" or not isinstance(getattr(head, "flatten", nn.Identity()), nn.Identity):
+        raise UnsupportedModuleError("head.global_pool: only mean pooling is a linear readout for Swin")
+    if getattr(m.patch_embed, "output_fmt", None) is not None and str(m.patch_embed.output_fmt) not in ("Format.NHWC", "NHWC"):
+        raise UnsupportedModuleError("patch_embed: Swin must produce NHWC tokens")
+    final = _ln("norm", m.norm)
+    blocks, units, stage_of = [], [], []
+    merges: dict[int, tuple[str, nn.Module]] = {}
+    for s, stage in enumerate(m.layers):
+        ds = stage.downsample
+        if s > 0 and not isinstance(ds, nn.Identity):
+            if type(ds) is not PatchMerging:
+                raise UnsupportedModuleError(f"layers.{s}.downsample: {type(ds).__qualname__} is not timm's PatchMerging")
+            merges[s] = (f"layers.{s}.downsample", ds)
+        elif s == 0 and not isinstance(ds, nn.Identity):
+            raise UnsupportedModuleError("layers.0.downsample: a downsample before the first stage is not supported")
+        for j, blk in enumerate(stage.blocks):
+            path = f"layers.{s}.blocks.{j}"
+            if type(blk) is not SwinTransformerBlock:
+                raise UnsupportedModuleError(f"{path}: {type(blk).__qualname__} is not timm's SwinTransformerBlock")
+            i = len(blocks)
+            blocks.append((i, path, blk))
+            stage_of.append(s)
+            a = blk.attn
+            meta: dict = {}
+
+            def reverse(t, shape, blk=blk):
+                B, H, W, _ = shape
+                ws, sh = blk.window_size, blk.shift_size
+                Hp, Wp = -(-H // ws[0]) * ws[0], -(-W // ws[1]) * ws[1]
+                x = window_reverse(t.reshape(-1, ws[0], ws[1], t.shape[-1]), ws, Hp, Wp)[:, :H, :W]
+                return torch.roll(x, shifts=sh, dims=(1, 2)) if any(sh) else x
+
+            units.append(Unit("attn", f"{path}.attn", "attn", i, s, _window_unit_hooks(blk, a.proj, reverse, meta),
+                              _gain(path, ("drop_path1", blk.drop_path1)), a.num_heads,
+                              a.proj.in_features // a.num_heads, _linear(f"{path}.attn.proj", a.proj)))
+
+            def mlp_hooks(store, key, blk=blk):
+                return [blk.mlp.register_forward_hook(_store_output(store, key))]
+            units.append(Unit("branch", f"{path}.mlp", "mlp", i, s, mlp_hooks,
+                              _gain(path, ("drop_path2", blk.drop_path2))))
+    L = len(m.layers) - 1
+    specs = {s: _ln(f"{p}.norm", ds.norm) for s, (p, ds) in merges.items()}
+
+    def hooks(store):
+        hs = [m.norm.register_forward_pre_hook(_store_input(store, "final_in"))]
+        for s, (_, ds) in merges.items():
+            hs.append(ds.norm.register_forward_pre_hook(_store_input(store, f"merge_in.{s}")))
+            hs.append(ds.register_forward_pre_hook(_store_input(store, f"merge_src.{s}", lambda t: tuple(t.shape[1:3]))))
+        return hs
+
+    def finalize(store, convention, first) -> ReadoutMaps:
+        xf = store["final_in"]
+        dt = torch.float64 if xf.dtype == torch.float64 else torch.float32
+        xf = _nhwc_seq(xf.to(dt))
+        B, n, _ = xf.shape
+        grid = {L: tuple(store["final_in"].shape[1:3])}
+        mu, sig = ln_stats(xf, final)
+        weights = {L: (1.0 / (n * sig[..., 0]))[:, None]}                          # [B, 1, N]
+        offset = norm_offset(final, mu / sig, convention).mean(1)
+        stats = {}
+        for lvl in range(L, first, -1):
+            if lvl in merges:
+                xm = store[f"merge_in.{lvl}"].to(dt)                              # [B, h', w', 4C]
+                mu_m, sig_m = ln_stats(_nhwc_seq(xm), specs[lvl])
+                stats[lvl] = (mu_m, sig_m)
+                grid[lvl - 1] = store[f"merge_src.{lvl}"]
+                weights[lvl - 1] = _merge_weights(weights[lvl], 1.0 / sig_m[..., 0], grid[lvl - 1], grid[lvl])
+            else:
+                grid[lvl - 1] = grid[lvl]
+                weights[lvl - 1] = weights[lvl]
+
+        def lin(lvl: int, P: Tensor) -> Tensor:
+            while lvl < L:
+                nxt = lvl + 1
+                if nxt in merges:
+                    ds = merges[nxt][1]
+                    B_, K, G4, D = P.shape
+                    Q = norm_linear(specs[nxt], P.reshape(B_, K, G4 // 4, 4 * D), convention)
+                    P = Q @ ds.reduction.weight.to(P.dtype).T
+                lvl = nxt
+            return norm_linear(final, P[:, :, 0], convention)
+
+        for lvl in range(first + 1, L + 1):                                      # merge offsets after embed
+            if lvl in merges:
+                ds = merges[lvl][1]
+                mu_m, sig_m = stats[lvl]
+                o = norm_offset(specs[lvl], mu_m / sig_m, convention) @ ds.reduction.weight.to(dt).T
+                if ds.reduction.bias is not None:
+                    o = o + ds.reduction.bias.to(dt)
+                offset = offset + lin(lvl, torch.einsum("bgn,bne->bge", weights[lvl], o)[:, None])[:, 0]
+        return ReadoutMaps(weights, lin, offset, store["z"].to(dt))
+
+    def all_hooks(store):
+        hs = hooks(store)
+        hs.append(m.head.register_forward_hook(_store_output(store, "z")))
+        return hs
+
+    def embed_hook(module, store):
+        return [module.register_forward_pre_hook(_store_input(store, "embed", _nhwc_seq))]
+
+    pe = m.patch_embed
+
+    def grids(hw):
+        g = {0: (hw[0] // pe.patch_size[0], hw[1] // pe.patch_size[1])}
+        for s in range(1, L + 1):
+            h, w = g[s - 1]
+            g[s] = (-(-h // 2), -(-w // 2)) if s in merges else (h, w)
+        return g
+
+    def check(images: Tensor) -> None:
+        if tuple(images.shape[-2:]) != tuple(pe.img_size) and getattr(pe, "strict_img_size", True):
+            raise InputError(f"images are {tuple(images.shape[-2:])} pixels but this Swin expects {tuple(pe.img_size)} "
+                             "(build it with img_size=... or call model.set_input_size)")
+
+    return SpatialPlan(
+        family="timm-swin", root=m, blocks=blocks, units=units,
+        readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), check_input=check,
+        embed_hook=embed_hook, level_of_input=lambda b: stage_of[b], hooks=all_hooks, finalize=finalize,
+        grids=grids)
+
+
+# ---------------------------------------------------------------------------------------- MaxViT
+def _pool_adjoint(pool: nn.Module, w_next: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Adjoint of a (linear, input-independent) spatial pooling: ``w_next [h', w']`` → ``[h, w]``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        e = torch.zeros(1, 1, *hw, dtype=w_next.dtype, device=w_next.device, requires_grad=True)
+        y = pool(e)
+        (g,) = torch.autograd.grad(y, e, grad_outputs=w_next.clone().view_as(y))
+    return g[0, 0].detach().clone()
+
+
+def _avg_pool_only(path: str, pool: nn.Module) -> None:
+    from timm.layers.pool2d_same import AvgPool2dSame
+
+    if not isinstance(pool, (nn.AvgPool2d, AvgPool2dSame, nn.Identity)):
+        raise UnsupportedModuleError(f"{path}: {type(pool).__qualname__} is not a linear (average) pooling; "
+                                     "max-pooling shortcuts are not decomposed")
+
+
+def maxvit_plan(m: nn.Module) -> SpatialPlan:
+    """timm ``MaxxVit`` with MBConv + window + grid attention blocks (MaxViT).
+
+    Components per block ``stages.s.blocks.j``: ``.conv`` (the whole MBConv branch: BatchNorm,
+    depthwise conv and squeeze-excitation frozen inside it), ``.attn_block.attn`` heads,
+    ``.attn_block.mlp``, ``.attn_grid.attn`` heads, ``.attn_grid.mlp``. A stride-2 block's shortcut
+    (average pooling + 1×1 conv) is an affine map applied to every upstream component: its pooling
+    becomes static position weights, its conv a channel matrix, its bias goes to ``bias``.
+
+    Readout: the head's pooled, normed feature up to its last affine operation, i.e.
+    ``z = W_pre · LN(mean_n x[n]) + b_pre`` — the input of ``head.pre_logits.act`` (tanh) when the head
+    has a ``pre_logits`` layer, else the normed pooled vector (what the classifier consumes). The
+    ``rw`` variants normalise every position before a plain mean-pool head instead (``norm``, frozen
+    per-position σ, like Swin's final norm).
+    """
+    from timm.layers import LayerNorm2d
+    from timm.models.maxxvit import (AttentionCl, Downsample2d, MaxxVitBlock, MbConvBlock, PartitionAttentionCl,
+                                     grid_reverse, window_reverse)
+
+    head = m.head
+    if getattr(getattr(head, "global_pool", None), "pool_type", None) != "avg":
+        raise UnsupportedModuleError("head.global_pool: only mean pooling is a linear readout for MaxViT")
+    def spec2d(path: str, mod: nn.Module) -> NormSpec:
+        if isinstance(mod, LayerNorm2d):          # LayerNorm over channels of an NCHW map
+            return NormSpec("layernorm", mod.weight, mod.bias, float(mod.eps))
+        return _ln(path, mod)
+
+    final = None if isinstance(m.norm, nn.Identity) else spec2d("norm", m.norm)   # per-position (rw variants)
+    hnorm = getattr(head, "norm", None)
+
+    post = [PostOp("head.norm", spec=spec2d("head.norm", hnorm))] if hnorm is not None else []
+    pre = getattr(head, "pre_logits", nn.Identity())
+    fc = getattr(pre, "fc", None)
+    if fc is not None:
+        post.append(PostOp("head.pre_logits.fc", weight=_linear("head.pre_logits.fc", fc).weight, bias=fc.bias))
+    elif not isinstance(pre, nn.Identity):
+        raise UnsupportedModuleError(f"head.pre_logits: {type(pre).__qualname__} is not supported")
+
+    blocks, units, level_in = [], [], []
+    shortcuts: dict[int, tuple[str, nn.Module]] = {}       # level reached → shortcut module
+    level = 0
+    for s, stage in enumerate(m.stages):
+        for j, blk in enumerate(stage.blocks):
+            path = f"stages.{s}.blocks.{j}"
+            if type(blk) is not MaxxVitBlock:
+                raise UnsupportedModuleError(f"{path}: {type(blk).__qualname__} is not timm's MaxxVitBlock "
+                                             "(CoAtNet / parallel blocks are not decomposed)")
+            conv = blk.conv
+            if type(conv) is not MbConvBlock:
+                raise UnsupportedModuleError(f"{path}.conv: {type(conv).__qualname__} is not an MbConvBlock")
+            i = len(blocks)
+            blocks.append((i, path, blk))
+            level_in.append(level)
+            if isinstance(conv.shortcut, Downsample2d):
+                _avg_pool_only(f"{path}.conv.shortcut.pool", conv.shortcut.pool)
+                level += 1
+                shortcuts[level] = (f"{path}.conv.shortcut", conv.shortcut)
+            elif not isinstance(conv.shortcut, nn.Identity):
+                raise UnsupportedModuleError(f"{path}.conv.shortcut: {type(conv.shortcut).__qualname__} is not supported")
+
+            def conv_hooks(store, key, conv=conv):
+                return [conv.conv3_1x1.register_forward_hook(_store_output(store, key, _nchw_seq))]
+            units.append(Unit("branch", f"{path}.conv", "conv", i, level, conv_hooks,
+                              _gain(f"{path}.conv", ("drop_path", conv.drop_path))))
+            for part, reverse_fn in (("attn_block", window_reverse), ("attn_grid", grid_reverse)):
+                pa = getattr(blk, part)
+                if pa is None:
+                    continue
+                ppath = f"{path}.{part}"
+                if type(pa) is not PartitionAttentionCl or type(pa.attn) is not AttentionCl:
+                    raise UnsupportedModuleError(f"{ppath}: {type(pa).__qualname__} is not a channels-last "
+                                                 "PartitionAttentionCl with AttentionCl")
+
+                def reverse(t, shape, pa=pa, fn=reverse_fn):
+                    return fn(t, pa.partition_size, shape[1:3])
+
+                a = pa.attn
+                units.append(Unit("attn", f"{ppath}.attn", "attn", i, level,
+                                  _window_unit_hooks(pa, a.proj, reverse, {}),
+                                  _gain(ppath, ("ls1", pa.ls1), ("drop_path1", pa.drop_path1)),
+                                  a.num_heads, a.dim_head, _linear(f"{ppath}.attn.proj", a.proj)))
+
+                def mlp_hooks(store, key, pa=pa):
+                    return [pa.mlp.register_forward_hook(_store_output(store, key, _nhwc_seq))]
+                units.append(Unit("branch", f"{ppath}.mlp", "mlp", i, level, mlp_hooks,
+                                  _gain(ppath, ("ls2", pa.ls2), ("drop_path2", pa.drop_path2))))
+    L = level
+
+    def readout(x: Tensor) -> Tensor:
+        if fc is None:                                # the head's pre_logits output is affine already
+            return m.forward_head(m.forward_features(x), pre_logits=True).flatten(1)
+        out = {}
+        h = fc.register_forward_hook(_store_output(out, "z", lambda t: t.flatten(1)))
+        try:
+            m.forward_head(m.forward_features(x), pre_logits=True)
+        finally:
+            h.remove()
+        return out["z"]
+
+    def hooks(store):
+        hs = [head.global_pool.register_forward_hook(_store_output(store, "head_in", lambda t: t.flatten(1))),
+              m.stages[-1].register_forward_hook(_store_output(store, "level_hw.last", lambda t: tuple(t.shape[2:])))]
+        for lvl, (_, sc) in shortcuts.items():
+            hs.append(sc.register_forward_pre_hook(_store_input(store, f"level_hw.{lvl - 1}", lambda t: tuple(t.shape[2:]))))
+        if final is not None:
+            hs.append(m.norm.register_forward_pre_hook(_store_input(store, "final_in", _nchw_seq)))
+        return hs
+
+    def finalize(store, convention, first) -> ReadoutMaps:
+        total = store["head_in"]
+        dt = torch.float64 if total.dtype == torch.float64 else torch.float32
+        dev = total.device
+        grid = {L: store["level_hw.last"]}
+        for lvl in range(L, 0, -1):
+            grid[lvl - 1] = store[f"level_hw.{lvl - 1}"] if lvl in shortcuts else grid[lvl]
+        maps2d = {L: torch.full(grid[L], 1.0 / (grid[L][0] * grid[L][1]), dtype=dt, device=dev)}
+        for lvl in range(L, first, -1):
+            maps2d[lvl - 1] = _pool_adjoint(shortcuts[lvl][1].pool, maps2d[lvl], grid[lvl - 1]) \
+                if lvl in shortcuts else maps2d[lvl]
+        B = total.shape[0]
+        weights = {lvl: w.reshape(1, 1, -1).expand(B, 1, -1) for lvl, w in maps2d.items()}
+        offset = torch.zeros(B, total.shape[1], dtype=dt, device=dev)
+        if final is not None:                         # per-position final norm: weights scale by 1/σ_n
+            xf = store["final_in"].to(dt)
+            mu, sig = ln_stats(xf, final)
+            offset = offset + norm_offset(final, mu / sig, convention).mean(1)
+            inv = 1.0 / sig[..., 0]                   # [B, N_L]
+            # static weights stay per level; the final σ enters through the last level's weights
+            # and, for earlier levels, through the adjoint of the poolings applied per image
+            wl = {L: maps2d[L].reshape(1, -1) * inv}
+            for lvl in range(L, first, -1):
+                if lvl in shortcuts:
+                    wl[lvl - 1] = torch.stack([_pool_adjoint(shortcuts[lvl][1].pool, wl[lvl][b].view(grid[lvl]),
+                                                             grid[lvl - 1]).reshape(-1) for b in range(B)])
+                else:
+                    wl[lvl - 1] = wl[lvl]
+            weights = {lvl: w[:, None] for lvl, w in wl.items()}
+
+        def expand_w(lvl):
+            ex = shortcuts[lvl][1].expand
+            return None if isinstance(ex, nn.Identity) else ex.weight[:, :, 0, 0]
+
+        def lin(lvl: int, P: Tensor) -> Tensor:
+            for nxt in range(lvl + 1, L + 1):
+                if nxt in shortcuts and expand_w(nxt) is not None:
+                    P = P @ expand_w(nxt).to(P.dtype).T
+            return P[:, :, 0] if final is None else norm_linear(final, P[:, :, 0], convention)
+
+        for lvl in range(first + 1, L + 1):
+            ex = shortcuts[lvl][1].expand if lvl in shortcuts else None
+            if ex is not None and not isinstance(ex, nn.Identity) and ex.bias is not None:
+                mass = weights[lvl].sum(-1)                                     # [B, 1]
+                offset = offset + lin(lvl, (mass[..., None] * ex.bias.to(dt))[:, None])[:, 0]
+        return ReadoutMaps(weights, lin, offset, total.to(dt), post=post)
+
+    def embed_hook(module, store):
+        return [module.register_forward_pre_hook(_store_input(store, "embed", _nchw_seq))]
+
+    stride0 = getattr(m.stem, "stride", 2)
+
+    def grids(hw):
+        return {lvl: (-(-hw[0] // (stride0 * 2 ** lvl)), -(-hw[1] // (stride0 * 2 ** lvl))) for lvl in range(L + 1)}
+
+    def check(images: Tensor) -> None:
+        if tuple(images.shape[-2:]) != tuple(m.img_size if isinstance(m.img_size, (tuple, list)) else (m.img_size,) * 2):
+            raise InputError(f"images are {tuple(images.shape[-2:])} pixels but this MaxViT expects {m.img_size} "
+                             "(window and grid partitions are sized for it; build it with img_size=...)")
+
+    return SpatialPlan(
+        family="timm-maxvit", root=m, blocks=blocks, units=units, readout=readout, check_input=check,
+        embed_hook=embed_hook, level_of_input=lambda b: level_in[b], hooks=hooks, finalize=finalize, grids=grids)
+
+
+def _register() -> None:
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .registry import register_rule
+
+    register_rule("model", SwinTransformer)(swin_plan)
+
+    from timm.models.maxxvit import MaxxVit
+
+    register_rule("model", MaxxVit)(maxvit_plan)
+
+
+_register()

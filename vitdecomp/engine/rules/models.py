@@ -1,0 +1,192 @@
+"""Model rules: a whole vision tower → a :class:`ModelPlan` (blocks, pooling, affine readout chain).
+
+The readout ``z`` is ``post(pool(x_L))``: the last block's residual stream ``x_L [B, N, D]``
+pooled over positions (CLS token or mean of patch tokens) and then a chain of affine maps with
+frozen statistics (final LayerNorm, pooled-feature norm, projection). A per-token norm followed by
+mean pooling is not a map of the pooled stream and is refused (it needs per-position readout
+weights; see the README's support table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import InputError, UnsupportedModuleError
+from .registry import register_rule, rule_for
+from .affine import NormSpec, PostOp
+from .blocks import BlockRule
+from .pool import Pooling
+
+
+@dataclass
+class ModelPlan:
+    """Everything the engine needs about one vision tower.
+
+    ``blocks``: (index, path, module, rule) for every residual block, in order;
+    ``layout``: ``"BND"`` or ``"NBD"`` (sequence-first blocks, old open_clip);
+    ``readout``: the model's own function images → ``z`` (unmodified upstream code);
+    ``grid``: image ``(H, W)`` → patch grid; ``check_input`` raises on unusable images.
+    """
+
+    family: str
+    root: nn.Module
+    blocks: list[tuple[int, str, nn.Module, BlockRule]]
+    pooling: Pooling
+    post: list[PostOp]
+    layout: str
+    num_prefix_tokens: int
+    readout: Callable[[Tensor], Tensor]
+    grid: Callable[[tuple[int, int]], tuple[int, int]]
+    check_input: Callable[[Tensor], None]
+
+
+def plan_for(model: nn.Module) -> ModelPlan:
+    """Resolve every rule the model needs; raises before any forward pass if one is missing."""
+    return rule_for("model", "", model)(model)
+
+
+def _blocks(prefix: str, seq: nn.Module) -> list:
+    out = []
+    for i, blk in enumerate(seq):
+        path = f"{prefix}.{i}"
+        out.append((i, path, blk, rule_for("block", path, blk)(path, blk)))
+    return out
+
+
+def _norm(path: str, module: nn.Module) -> PostOp:
+    return PostOp(path, spec=rule_for("norm", path, module)(module))
+
+
+def _fixed_size_check(expected: tuple[int, int], what: str) -> Callable[[Tensor], None]:
+    def check(images: Tensor) -> None:
+        if tuple(images.shape[-2:]) != tuple(expected):
+            raise InputError(f"images are {tuple(images.shape[-2:])} pixels but {what} expects {tuple(expected)}; "
+                             "preprocess with the model's own transform (vitdecomp.load_model(...).transform)")
+    return check
+
+
+def _patch_check(pe) -> Callable[[Tensor], None]:
+    def check(images: Tensor) -> None:
+        p = pe.patch_size
+        if images.shape[-2] % p[0] or images.shape[-1] % p[1]:
+            raise InputError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {tuple(p)}")
+    return check
+
+
+def _patch_grid(pe) -> Callable[[tuple[int, int]], tuple[int, int]]:
+    def grid(hw: tuple[int, int]) -> tuple[int, int]:
+        p = pe.patch_size
+        return hw[0] // p[0], hw[1] // p[1]
+    return grid
+
+
+def _register() -> None:
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import VisionTransformer as OcViT
+
+    @register_rule("model", TimmViT)
+    def timm_vit(m: TimmViT) -> ModelPlan:
+        npt = m.num_prefix_tokens
+        pe = m.patch_embed
+        if m.attn_pool is not None or (m.global_pool == "avg" and not isinstance(m.norm, nn.Identity)):
+            from .families import vit_spatial_plan
+
+            dyn = m.dynamic_img_size or not getattr(pe, "strict_img_size", True)
+            check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, "this timm ViT")
+            return vit_spatial_plan(m, check, _patch_grid(pe))
+        if m.global_pool == "token":
+            if npt < 1 or m.cls_token is None:
+                raise UnsupportedModuleError("timm ViT with global_pool='token' but no class token")
+            pooling = Pooling("token", index=0)
+        elif m.global_pool == "avg":
+            if not isinstance(m.norm, nn.Identity):
+                raise UnsupportedModuleError("norm: per-token final norm followed by mean pooling is not supported yet")
+            pooling = Pooling("avg", start=0 if m.pool_include_prefix else npt)
+        else:
+            raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")
+        rule_for("scale", "head_drop", m.head_drop)
+
+        pe = m.patch_embed
+        if m.dynamic_img_size or not getattr(pe, "strict_img_size", True):
+            def check(images: Tensor) -> None:
+                p = pe.patch_size
+                if images.shape[-2] % p[0] or images.shape[-1] % p[1]:
+                    raise InputError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
+        else:
+            check = _fixed_size_check(pe.img_size, "this timm ViT")
+
+        def grid(hw: tuple[int, int]) -> tuple[int, int]:
+            p = pe.patch_size
+            return hw[0] // p[0], hw[1] // p[1]
+
+        return ModelPlan(
+            family="timm-vit", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
+            post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
+            readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid, check_input=check)
+
+    from timm.models.eva import Eva
+
+    @register_rule("model", Eva)
+    def timm_eva(m: Eva) -> ModelPlan:
+        """EVA / EVA-02: rotary embeddings live in the attention rule; readout as for timm ViT."""
+        if m.attn_pool is not None:
+            raise UnsupportedModuleError("attn_pool: EVA with an attention-pool (MAP) head is not supported yet")
+        if getattr(m, "patch_drop", None) is not None:
+            raise UnsupportedModuleError("patch_drop: EVA with patch dropout is not decomposed")
+        npt = m.num_prefix_tokens
+        if m.global_pool == "token":
+            if npt < 1 or m.cls_token is None:
+                raise UnsupportedModuleError("EVA with global_pool='token' but no class token")
+            pooling = Pooling("token", index=0)
+        elif m.global_pool == "avg":
+            if not isinstance(m.norm, nn.Identity):
+                raise UnsupportedModuleError("norm: per-token final norm followed by mean pooling is not supported for EVA")
+            pooling = Pooling("avg", start=npt)
+        else:
+            raise UnsupportedModuleError(f"EVA global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")
+        rule_for("scale", "head_drop", m.head_drop)
+        pe = m.patch_embed
+        check = _patch_check(pe) if (m.dynamic_img_size or not getattr(pe, "strict_img_size", True)) \
+            else _fixed_size_check(pe.img_size, "this timm EVA")
+        return ModelPlan(
+            family="timm-eva", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
+            post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
+            readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=_patch_grid(pe),
+            check_input=check)
+
+    @register_rule("model", OcViT)
+    def open_clip_vit(m: OcViT) -> ModelPlan:
+        if m.attn_pool is not None:
+            raise UnsupportedModuleError("attn_pool: open_clip ViT with attentional pooling is not supported yet")
+        if m.pool_type == "tok":
+            pooling = Pooling("token", index=0)
+        elif m.pool_type == "avg" and m.final_ln_after_pool:
+            pooling = Pooling("avg", start=1)
+        else:
+            raise UnsupportedModuleError(f"open_clip ViT pool_type={m.pool_type!r} with final_ln_after_pool="
+                                         f"{m.final_ln_after_pool} is not supported yet")
+        post = [_norm("ln_post", m.ln_post)]
+        if m.proj is not None:
+            post.append(PostOp("proj", weight=m.proj.T))
+        blocks = _blocks("transformer.resblocks", m.transformer.resblocks)
+        ph, pw = m.patch_size
+
+        def readout(x: Tensor) -> Tensor:
+            out = m(x)
+            return out[0] if isinstance(out, tuple) else out
+
+        return ModelPlan(
+            family="open_clip-vit", root=m, blocks=blocks, pooling=pooling, post=post,
+            layout="BND" if m.transformer.batch_first else "NBD", num_prefix_tokens=1, readout=readout,
+            grid=lambda hw: (hw[0] // ph, hw[1] // pw), check_input=_fixed_size_check(m.image_size, "this open_clip ViT"))
+
+    @register_rule("model", CLIP, CustomTextCLIP)
+    def open_clip_model(m: nn.Module) -> ModelPlan:
+        return rule_for("model", "visual", m.visual)(m.visual)
+
+
+_register()

@@ -1,0 +1,62 @@
+"""Rule registries keyed by module type (one registry per role).
+
+A rule is found along the module class's MRO. A subclass that overrides any method of the class
+the rule was registered for does *not* inherit the rule: its computation may differ, and a
+silently wrong decomposition is worse than an error. Unknown types raise :class:`UnsupportedModuleError` before any work starts.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from ...errors import UnsupportedModuleError
+
+ROLES = ("model", "block", "attention", "norm", "scale")
+_RULES: dict[str, dict[type, Any]] = {role: {} for role in ROLES}
+
+
+def register_rule(role: str, *module_types: type) -> Callable:
+    """Class/function decorator registering a rule for ``module_types`` in ``role``."""
+    if role not in _RULES:
+        raise ValueError(f"unknown rule role {role!r}; roles: {ROLES}")
+
+    def add(rule):
+        for t in module_types:
+            _RULES[role][t] = rule
+        return rule
+
+    return add
+
+
+def find_rule(role: str, module: nn.Module):
+    """The rule registered for ``type(module)`` (or an ancestor whose ``forward`` it keeps), or None."""
+    cls = type(module)
+    for t in cls.__mro__:
+        if t in _RULES[role]:
+            return _RULES[role][t] if _keeps_methods(cls, t) else None
+    return None
+
+
+def _keeps_methods(cls: type, base: type) -> bool:
+    """True when ``cls`` resolves every function defined on ``base`` to ``base``'s own."""
+    return all(getattr(cls, name, None) is value
+               for name, value in vars(base).items() if inspect.isfunction(value) and name != "__init__")
+
+
+def rule_for(role: str, path: str, module: nn.Module):
+    """Like :func:`find_rule` but raises a helpful error when no rule exists."""
+    rule = find_rule(role, module)
+    if rule is None:
+        raise UnsupportedModuleError(
+            f"{path or '<root>'}: no {role} rule for {type(module).__module__}.{type(module).__qualname__} "
+            f"(known {role} types: {list_rules(role)}). vitdecomp only decomposes modules whose "
+            f"computation it knows exactly; add one with @register_rule({role!r}, YourModule)."
+        )
+    return rule
+
+
+def list_rules(role: str) -> list[str]:
+    return sorted(t.__qualname__ for t in _RULES[role])
+

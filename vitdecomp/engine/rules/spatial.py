@@ -1,0 +1,144 @@
+"""Per-position readouts: models whose readout weighs every position of the last stream differently.
+
+Hierarchical models (Swin, MaxViT) and attention-pool heads (SigLIP) do not read one pooled vector
+of the residual stream: a per-position LayerNorm, a patch merging, a stride-2 shortcut or the
+pool's latent query sit between each branch output and the readout. With every non-linear
+statistic frozen at its real value, the map from a stream at *level* ``l`` (a resolution of the
+hierarchy; one level for plain ViTs) to the readout is still linear, and of the form
+
+    z_lin(u) = F_l( P ),   P[g] = Σ_n ω_l[g, n] · u[n]        u [N_l, D_l],  P [G_l, D_l]
+
+``ω_l [B, G_l, N_l]`` are per-image position weights in ``G_l`` groups (merge slots for Swin, pool
+heads for SigLIP, one group for mean pooling) and ``F_l`` is a fixed linear map of the groups
+(centring, γ, merge reductions, value and out-projections). So every component is pooled once,
+with its level's weights, and then carried by ``F_l`` — never materialising per-position terms
+beyond what the model itself computed. Offsets (β, merge and shortcut biases, under ``uniform`` the
+shared means) are collected separately and distributed by the convention's weights.
+
+Positions are *image coordinates*: row-major over the level's grid (after undoing window and grid
+partitions and the cyclic shift), prefix tokens first for ViTs. Per-position ("token") terms of a
+component are its direct effects at each position of its level: they sum to the component.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import UnsupportedModuleError
+from .affine import NormSpec
+
+
+@dataclass
+class Unit:
+    """One decomposable branch of a per-position model.
+
+    ``kind``: ``"attn"`` (split into heads through ``proj``) or ``"branch"`` (one output; the
+    component kind is ``ckind``: ``mlp`` or ``conv``). ``hooks(store, key)`` registers forward
+    hooks that put, under ``store[key]``, the per-position tensor in image coordinates
+    ``[B, N_l, C]`` — for ``attn`` the out-projection's *input* (``C = H·dh``), otherwise the branch
+    output (``C = D_l``). ``gain [D_l]``: channel gain after the branch (LayerScale) or None.
+    """
+
+    kind: str
+    name: str
+    ckind: str
+    block: int
+    level: int
+    hooks: Callable[[dict, str], list]
+    gain: Optional[Tensor] = None
+    num_heads: int = 0
+    head_dim: int = 0
+    proj: Optional[nn.Linear] = None
+
+
+@dataclass
+class ReadoutMaps:
+    """Frozen per-position readout of one forward pass (see the module docstring).
+
+    ``weights[l] [B, G_l, N_l]``; ``lin(l, P [B, K, G_l, D_l]) -> [B, K, d]`` (linear, convention-
+    specific centring); ``offset [B, d]``: every input-independent term (and, under ``uniform``, the
+    shared norm means) that reaches the pre-``post`` readout and belongs to no unit;
+    ``extra``: components living after the last stream (SigLIP's pool MLP): name → ``[B, d]``;
+    ``total [B, d]``: the real pre-``post`` readout, for the diagnostics; ``post``: affine chain on
+    the pooled readout (norms with frozen statistics, linear maps), as :class:`PostOp`;
+    ``pool_heads [B, Hp, d]``: an attention pool's per-head outputs (a second view of the readout).
+    """
+
+    weights: dict[int, Tensor]
+    lin: Callable[[int, Tensor], Tensor]
+    offset: Tensor
+    total: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    post: list = field(default_factory=list)
+    pool_heads: Optional[Tensor] = None
+
+
+@dataclass
+class SpatialPlan:
+    """A model whose readout is per-position (see module docstring).
+
+    ``blocks``: (index, path, module) of every block (the unit of the ``blocks`` option);
+    ``units``: ordered decomposable branches (each has its block index);
+    ``embed_hook(module, store)``: hooks on a block that store its input stream ``[B, N_l, D_l]`` as
+    ``store["embed"]``; ``level_of_input(block)``: level of a block's input stream;
+    ``grids``: level → (h, w) after :meth:`prepare`; ``finalize(store, convention, first_level)``
+    builds the :class:`ReadoutMaps`; ``extra_components``: names of post-stream components (kind, name);
+    ``hooks(store)``: the plan's own hooks (statistics the readout needs).
+    """
+
+    family: str
+    root: nn.Module
+    blocks: list
+    units: list[Unit]
+    readout: Callable[[Tensor], Tensor]
+    check_input: Callable[[Tensor], None]
+    embed_hook: Callable[[nn.Module, dict], list]
+    level_of_input: Callable[[int], int]
+    hooks: Callable[[dict], list]
+    finalize: Callable[[dict, str, int], ReadoutMaps]
+    grids: Callable[[tuple[int, int]], dict[int, tuple[int, int]]]
+    num_prefix_tokens: int = 0
+    extra_components: list = field(default_factory=list)
+    layout: str = "BND"
+
+
+# ------------------------------------------------------------------------------------ pure math
+def pool_positions(w: Tensor, u: Tensor) -> Tensor:
+    """``w [B, G, N]``, ``u [B, N, C]`` → ``[B, G, C]``."""
+    return torch.einsum("bgn,bnc->bgc", w, u)
+
+
+def center(x: Tensor) -> Tensor:
+    return x - x.mean(-1, keepdim=True)
+
+
+def ln_stats(x: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor]:
+    """Per-position mean and σ of ``x [..., C]`` (``[..., 1]``), exactly as the forward pass used them."""
+    if spec.kind == "layernorm":
+        mu = x.mean(-1, keepdim=True)
+        return mu, ((x - mu).pow(2).mean(-1, keepdim=True) + spec.eps).sqrt()
+    if spec.kind == "rmsnorm":
+        return torch.zeros_like(x[..., :1]), (x.pow(2).mean(-1, keepdim=True) + spec.eps).sqrt()
+    raise UnsupportedModuleError(f"no per-position statistics for a norm of kind {spec.kind!r}")
+
+
+def norm_linear(spec: NormSpec, P: Tensor, convention: str) -> Tensor:
+    """The linear part of a frozen norm (``1/σ`` already in the weights): ``γ ⊙ C(P)`` or ``γ ⊙ P``."""
+    g = spec.weight.to(P.dtype) if spec.weight is not None else 1.0
+    if spec.kind == "layernorm" and convention == "centered":
+        P = center(P)
+    return g * P
+
+
+def norm_offset(spec: NormSpec, mu_over_sigma: Tensor, convention: str) -> Tensor:
+    """Per-position offset of a frozen norm, ``β`` (centered) or ``β − γ μ/σ`` (uniform): ``[..., C]``."""
+    C = spec.weight.shape[0] if spec.weight is not None else mu_over_sigma.shape[-1]
+    dt = mu_over_sigma.dtype
+    beta = spec.bias.to(dt) if spec.bias is not None else torch.zeros(C, dtype=dt, device=mu_over_sigma.device)
+    if convention == "uniform" and spec.kind == "layernorm":
+        g = spec.weight.to(dt) if spec.weight is not None else 1.0
+        return beta - g * mu_over_sigma
+    return beta.expand(*mu_over_sigma.shape[:-1], C)

@@ -1,0 +1,98 @@
+"""The fit jobs over a store: CompAlign, TextSpan and a linear probe. Each takes its frozen config
+(:mod:`vitdecomp.config`), writes its artefacts to ``cfg.out`` and returns what it computed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from ..config import CompAlignConfig, OptionError, ProbeConfig, TextSpanConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_compalign(cfg: CompAlignConfig) -> dict:
+    """CompAlign from the store's teacher column; saves ``cfg.out`` + ``.safetensors``/``.json``.
+    Returns the metrics and the aligner."""
+    from ..store import open_store
+    from .compalign import fit_store
+
+    cfg.check_required()
+    st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
+    aligner, metrics = fit_store(st, cfg)
+    aligner.save(cfg.out)
+    log.info("compalign: %d components -> %d-d teacher space; best validation cosine %.4f after %d epochs",
+             len(aligner.names), aligner.maps.shape[1], metrics["best_val_cosine"], metrics["epochs"])
+    return {**metrics, "aligner": aligner, "path": cfg.out}
+
+
+def default_components(store, last_layers: int) -> list[str]:
+    """Every head of the last ``last_layers`` decomposed blocks."""
+    heads = [c for c in store.components if c.kind == "head"]
+    if not heads:
+        raise OptionError("components", f"{store.uri} has no per-head components (it was decomposed without heads); "
+                                        "name the components to explain")
+    blocks = sorted({c.block for c in heads})[-last_layers:]
+    return [c.name for c in heads if c.block in blocks]
+
+
+def run_textspan(cfg: TextSpanConfig) -> dict:
+    """TextSpan for the chosen components (default: the heads of the last ``last_layers`` blocks);
+    writes ``textspan.parquet``, ``textspan.txt`` and ``textspan.json`` into ``cfg.out``."""
+    import pyarrow.parquet as pq
+
+    from ..store import open_store
+    from .compalign import Aligner
+    from .text import encode_texts, read_pool, resolve_text_model
+    from .textspan import moments_from_store, reconstruction_accuracy, report, textspan
+
+    cfg.check_required()
+    st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
+    m = st.manifest
+    aligner = Aligner.load(cfg.aligner) if cfg.aligner else None
+    clip = resolve_text_model(st, aligner, cfg, what="TextSpan")
+    names = list(cfg.components) if cfg.components else default_components(st, cfg.last_layers)
+    pool = read_pool(cfg.pool)
+    t0 = time.time()
+    texts = encode_texts(clip, pool, cache_dir=cfg.text_cache)
+    log.info("encoded %d descriptions in %.0f s", len(pool), time.time() - t0)
+    mo = moments_from_store(st, names, distributed=cfg.distributed)
+    if aligner is not None:
+        sel = [aligner.names.index(n) for n in names]
+        mo = mo.affine(aligner.maps.numpy()[sel].astype(np.float64),
+                       aligner.bias.numpy().astype(np.float64) / len(aligner.names))
+    table, spans = textspan(mo, names, texts, pool, m=cfg.texts_per_head, rank=cfg.rank)
+    evaluation = None
+    if cfg.label_column:
+        evaluation = reconstruction_accuracy(st, clip, spans, cfg.label_column, cfg.class_names, aligner,
+                                             cache_dir=cfg.text_cache)
+    os.makedirs(cfg.out, exist_ok=True)
+    pq.write_table(table, os.path.join(cfg.out, "textspan.parquet"))
+    text = report(table, f"TextSpan — {m['model']['name']} ({st.uri}), {mo.n} images, {len(pool)} descriptions")
+    with open(os.path.join(cfg.out, "textspan.txt"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg.out, "textspan.json"), "w") as f:
+        json.dump({"store": st.uri, "model": m["model"]["name"], "components": names, "pool": cfg.pool or "default",
+                   "pool_size": len(pool), "texts_per_head": cfg.texts_per_head, "rank": cfg.rank,
+                   "aligner": cfg.aligner, "images": mo.n, "evaluation": evaluation}, f, indent=2)
+    return {"table": table, "images": mo.n, "evaluation": evaluation, "spans": spans, "text": text,
+            "components": names, "out": cfg.out}
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """A linear probe on the stored readouts (rows of ``fit_split`` when a split column is given)."""
+    from ..store import open_store
+    from ..store.splits import select_ids
+    from .probe import fit_probe
+
+    cfg.check_required()
+    st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
+    ids = select_ids(st, cfg.split_column, cfg.fit_split) if cfg.split_column else None
+    head, info = fit_probe(st, cfg.label_column, ids=ids, class_names=cfg.class_names, l2=cfg.l2,
+                           max_rows=cfg.max_rows)
+    path = head.save(cfg.out)
+    return {"head": head, "path": path, **info}
+

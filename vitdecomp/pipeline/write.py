@@ -1,0 +1,58 @@
+"""Write stage: each block's rows become uncommitted Lance fragments or Parquet files; the driver commits."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..io import S3Settings, retry
+from ..store import Store
+
+
+def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: dict) -> pa.Table:
+    """Write the valid rows of one block (retried from the materialised table), report error rows."""
+    import uuid
+
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+    is_err = pc.is_valid(t.column("_error"))
+    good = t.filter(pc.invert(is_err)).drop_columns(["_error"])
+    bad = t.filter(is_err)
+    rows = {"kind": [], "payload": [], "rows": []}
+    if good.num_rows:
+        good = good.select(schema.names).cast(schema)
+        store = Store(store_uri, S3Settings(**s3))
+        if fmt == "lance":
+            from lance_ray.fragment import write_fragment
+
+            frags = retry(lambda: write_fragment([good], store.lance_uri("contributions"), schema=schema,
+                                                 storage_options=store.storage_options), "write Lance fragment")
+            for frag, _ in frags:
+                rows["kind"].append("fragment")
+                rows["payload"].append(json.dumps({"fragment": frag.to_json()}))
+                rows["rows"].append(frag.num_rows)
+        else:
+            import pyarrow.parquet as pq
+
+            name = f"contributions/{uuid.uuid4().hex}.parquet"
+            retry(lambda: pq.write_table(good, store._p(name), filesystem=store.fs), "write Parquet file")
+            rows["kind"].append("file")
+            rows["payload"].append(json.dumps({"file": name, "rows": good.num_rows}))
+            rows["rows"].append(good.num_rows)
+    for i, u, e in zip(bad.column("image_id").to_pylist(), bad.column("uri").to_pylist(),
+                       bad.column("_error").to_pylist()):
+        rows["kind"].append("error")
+        rows["payload"].append(json.dumps({"image_id": i, "uri": u, "stage": "decode", "reason": e}))
+        rows["rows"].append(1)
+    # where the rows were decoded and decomposed (rows=0: counted in the payload, not as written rows)
+    if "_model_node" in t.column_names:
+        nodes = pa.table({"decode": t.column("_decode_node") if "_decode_node" in t.column_names
+                          else pa.nulls(t.num_rows, pa.string()), "model": t.column("_model_node")})
+        for g in nodes.group_by(["decode", "model"]).aggregate([([], "count_all")]).to_pylist():
+            rows["kind"].append("placement")
+            rows["payload"].append(json.dumps({"decode": g["decode"], "model": g["model"], "inputs": g["count_all"]}))
+            rows["rows"].append(0)
+    return pa.table({"kind": pa.array(rows["kind"], pa.string()), "payload": pa.array(rows["payload"], pa.string()),
+                     "rows": pa.array(rows["rows"], pa.int64())})
+
+

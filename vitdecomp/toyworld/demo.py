@@ -1,0 +1,238 @@
+"""``vitdecomp demo``: the one-command offline demo on the built-in toy world (SPEC §8).
+
+Stages: generate the world → train (or load from cache) the tiny classifier and tiny CLIP → report
+their planted-truth accuracies → decompose both over the world with the decompose job (local Ray,
+local Lance; the classifier's store carries the tiny CLIP's embedding as its teacher) → fit
+(CompAlign, TextSpan) → query (CompAttribute, spurious mitigation, ablation curves, retrieval by
+text and by image, token heatmaps with segmentation metrics) → one HTML report per store.
+``--quick`` instead decomposes one drawn image with a random-initialised model (seconds).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+
+log = logging.getLogger(__name__)
+WORLD_PROPERTIES = {
+    "world color": ["red color", "yellow color", "green color", "cyan color", "blue color", "pink color"],
+    "world background": ["a shape on ocean", "a shape on lake", "a shape on forest", "a shape on desert"],
+    "world shape": ["a circle", "a square", "a triangle", "a cross"],
+    "world texture": ["a striped shape", "a dotted shape", "a plain shape"],
+}
+
+
+def example_image(size: int = 224):
+    """A drawn RGB image (no files, no downloads): a red disc on a blue-green background."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (40, 120, 140))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=(220, 40, 30))
+    draw.rectangle([0, 3 * size // 4, size, size], fill=(90, 160, 60))
+    return img
+
+
+def quick(model: str = "timm:deit_tiny_patch16_224", top: int = 10, seed: int = 0,
+          progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Decompose one drawn image with a random-initialised ``model``; ``progress`` receives the lines."""
+    from ..engine import decompose
+    from ..models import load_model
+
+    say = progress or log.info
+    lm = load_model(model, pretrained=False, seed=seed)
+    x = lm.transform(example_image(lm.image_size[0]))[None]
+    d = decompose(lm, x)
+    say(f"model {lm.name} (random init), readout {lm.readout.kind} d={lm.readout.dim}, {len(d.names)} components")
+    say(f"reconstruction error ||sum c_k - z|| / ||z|| = {float(d.residual()[0]):.2e}")
+    say(f"largest components along the readout direction (terms sum to ||z|| = {float(d.readout[0].norm()):.3f}):")
+    for name, score in d.top(0, n=top):
+        say(f"  {name:<28s} {score:+.4f}")
+    return {"decomposition": d, "model": lm}
+
+
+def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, num_cpus=None,
+        progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The whole demo; returns what it produced (paths, figures and the ``stages`` it went through).
+    ``progress`` receives one line per stage and finding (default: the module's logger)."""
+    from ..config import CompAlignConfig, DecomposeConfig, TextSpanConfig
+    from ..fit.jobs import run_compalign, run_textspan
+    from ..models import load_model
+    from ..pipeline import run_decompose as decompose
+    from ..store import open_store
+    from .generate import WorldConfig, generate, vocabulary_pool
+    from .registry import TOY_CLIP, TOY_VIT
+    from .train import TrainConfig, ensure_models, group_accuracy, zero_shot_accuracy
+
+    t0 = time.time()
+    workdir = os.path.abspath(workdir)
+    if small:
+        world_cfg = WorldConfig(seed=seed, n_train=240, n_val=60, n_test=60)
+        train_cfg = TrainConfig(seed=seed, classifier_epochs=2, clip_epochs=2)
+    else:
+        world_cfg, train_cfg = WorldConfig(seed=seed), TrainConfig(seed=seed)
+    stages: list[str] = []
+    say = progress or log.info
+    stage = _Stages(say, stages)
+
+    with stage("1/7 generate the toy world"):
+        world = os.path.join(workdir, f"world-{world_cfg.key()}")
+        meta = generate(world, world_cfg)
+        say(f"    {world_cfg.n_train}/{world_cfg.n_val}/{world_cfg.n_test} train/val/test images in {world}")
+
+    with stage("2/7 train or load the tiny classifier and tiny CLIP"):
+        models = ensure_models(world, world_cfg.key(), os.path.join(workdir, "cache"), train_cfg)
+        for k, v in models.items():
+            how = "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s"
+            say(f"    {k}: {v['checkpoint']} ({how})")
+
+    with stage("3/7 planted-truth accuracies (test split)"):
+        clf = load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
+        clip = load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
+        groups = group_accuracy(clf, world)
+        zs = zero_shot_accuracy(clip, world)
+        say(f"    classifier accuracy {groups['accuracy']:.3f}, worst group {groups['worst_group']:.3f}, "
+              f"groups {json.dumps({g: round(a, 3) for g, a in groups['groups'].items()})}")
+        say(f"    tiny CLIP zero-shot accuracy per attribute: {json.dumps({a: round(v, 3) for a, v in zs.items()})}")
+
+    stores = {}
+    with stage("4/7 decompose both models over the world (local Ray, Lance)"):
+        common = dict(input=meta, uri_column="uri", id_column="image_id", batch_size=64, commit_every=512,
+                      num_cpus=num_cpus, dtype="fp32")
+        stores["classifier"] = os.path.join(workdir, "stores", "classifier")
+        decompose(DecomposeConfig(output=stores["classifier"], model=TOY_VIT, checkpoint=models["classifier"]["checkpoint"],
+                                  teacher=TOY_CLIP, teacher_checkpoint=models["clip"]["checkpoint"], **common))
+        stores["clip"] = os.path.join(workdir, "stores", "clip")
+        decompose(DecomposeConfig(output=stores["clip"], model=TOY_CLIP, checkpoint=models["clip"]["checkpoint"],
+                                  **common))
+        for name, uri in stores.items():
+            st = open_store(uri)
+            say(f"    {name}: {st.count()} rows x {len(st.names)} components (d={st.manifest['d']}) in {uri}")
+
+    fits = {}
+    with stage("5/7 fit: CompAlign (classifier -> tiny CLIP) and TextSpan"):
+        pool_path = os.path.join(workdir, "world-pool.txt")
+        with open(pool_path, "w") as f:
+            f.write("\n".join(vocabulary_pool()) + "\n")
+        fits["aligner"] = os.path.join(workdir, "fit", "classifier-compalign")
+        fits["compalign"] = run_compalign(CompAlignConfig(store=stores["classifier"], out=fits["aligner"],
+                                                       max_epochs=3 if small else 15, lr=1e-3))
+        cache = os.path.join(workdir, "cache", "text")
+        for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
+            out = os.path.join(workdir, "fit", f"textspan-{name}")
+            run_textspan(TextSpanConfig(store=stores[name], out=out, pool=pool_path, texts_per_head=5, rank=32,
+                                     clip_checkpoint=models["clip"]["checkpoint"], cache_dir=cache, **extra))
+            fits[f"textspan_{name}"] = out
+    queries = {}
+    with stage("6/7 query: CompAttribute, spurious mitigation, ablation, retrieval, heatmaps"):
+        queries = _query_stage(workdir, world, world_cfg, stores, models, fits, small)
+        fits.update({f"compattribute_{k}": queries["out"][k] for k in ("clip", "classifier")})
+
+    with stage("7/7 report"):
+        for name, out in queries["out"].items():
+            say(f"    {name}: {os.path.join(out, 'report.html')}")
+
+    summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores, "fits": fits,
+               "classifier_groups": groups, "clip_zero_shot": zs, "queries": queries.get("summary", {}),
+               "reports": {k: os.path.join(v, "report.html") for k, v in queries.get("out", {}).items()},
+               "seconds": time.time() - t0, "stages": stages}
+    with open(os.path.join(workdir, "demo-summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    say(f"demo done in {summary['seconds']:.0f} s; outputs under {workdir} (summary: demo-summary.json)")
+    say("open the reports: " + "  ".join(summary["reports"].values()))
+    return summary
+
+
+def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -> dict:
+    """Every query subcommand on the demo's stores, each into one report per store."""
+    import yaml
+
+    from ..config import AblateConfig, CompAttributeConfig, HeatmapConfig, MitigateConfig, RetrieveConfig
+    from ..query.heatmap_job import run_heatmap
+    from ..query.jobs import run_ablate, run_compattribute, run_mitigate, run_retrieve
+    from .generate import write_masks
+
+    props = os.path.join(workdir, "world-properties.yaml")
+    with open(props, "w") as f:
+        yaml.safe_dump(WORLD_PROPERTIES, f)
+    cache = os.path.join(workdir, "cache", "text")
+    ck = {"clip": models["clip"]["checkpoint"], "classifier": models["classifier"]["checkpoint"]}
+    out = {k: os.path.join(workdir, "query", k) for k in ("clip", "classifier")}
+    for d in out.values():                       # a rerun rebuilds each report from this run's sections only
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                if f.endswith(".section.json"):
+                    os.remove(os.path.join(d, f))
+    text = dict(clip_checkpoint=ck["clip"], cache_dir=cache)
+    res = {}
+    for name, extra in (("clip", {}), ("classifier", {"aligner": fits["aligner"]})):
+        r = run_compattribute(CompAttributeConfig(store=stores[name], out=out[name], properties=props, **text, **extra))
+        res[f"compattribute_{name}"] = {p: r["names"][int(r["scores"][:, j].argmax())]
+                                        for j, p in enumerate(r["properties"]) if p.startswith("world")}
+    # the classifier: its own head, the world's label and background, components chosen on val, scored on test
+    common = dict(store=stores["classifier"], out=out["classifier"], label_column="label", class_names=["warm", "cool"],
+                  head="model", checkpoint=ck["classifier"], aligner=fits["aligner"], properties=props,
+                  group_column="background", split_column="split", fit_split=["val"], eval_split=["test"], k=5, **text)
+    for ranking in ("compattribute", "signed"):
+        r = run_mitigate(MitigateConfig(**common, ranking=ranking, spurious="world background", core="world color",
+                                     name=f"mitigation_{ranking}"))
+        res[f"mitigation_{ranking}"] = {"worst_group": r["summary"]["worst_group"],
+                                        "mean_group": r["summary"]["mean_group"], "ablated": r["summary"]["ablated"]}
+    r = run_ablate(AblateConfig(store=stores["classifier"], out=out["classifier"], label_column="label",
+                             class_names=["warm", "cool"], head="model", checkpoint=ck["classifier"],
+                             split_column="split", eval_split=["test"]))
+    res["ablation_classifier"] = r["summary"]
+    # the tiny CLIP: zero-shot scene ablation curves, retrieval by text and by image, heatmaps with masks
+    r = run_ablate(AblateConfig(store=stores["clip"], out=out["clip"], label_column="scene", split_column="split",
+                             eval_split=["test"], **text))
+    res["ablation_clip"] = r["summary"]
+    r = run_retrieve(RetrieveConfig(store=stores["clip"], out=out["clip"], property="world color", text="red color",
+                                 properties=props, top_components=5, top_images=16, **text))
+    res["retrieve_text"] = {"components": r["components"], "top": r["table"].column("image_id").to_pylist()[:8]}
+    ri = os.path.join(out["clip"], "by-image")
+    r = run_retrieve(RetrieveConfig(store=stores["clip"], out=ri, property="world background", image_ids=["test/00000"],
+                                 properties=props, top_components=5, top_images=16, **text))
+    res["retrieve_image"] = {"components": r["components"], "top": r["table"].column("image_id").to_pylist()[:8],
+                             "report": os.path.join(ri, "report.html")}
+    masks = write_masks(world, world_cfg, split="test")
+    last = _last_block(stores["clip"])
+    r = run_heatmap(HeatmapConfig(store=stores["clip"], out=out["clip"], checkpoint=ck["clip"], clip_checkpoint=ck["clip"],
+                               components=[f"transformer.resblocks.{last}.attn"], text="a shape",
+                               image_ids=[f"test/{i:05d}" for i in range(4 if small else 24)], masks_dir=masks,
+                               cache_dir=cache))
+    res["heatmap_clip"] = r.get("summary")
+    # the classifier's last two attention layers on each image's predicted class: where it looks
+    last = _last_block(stores["classifier"])
+    r = run_heatmap(HeatmapConfig(store=stores["classifier"], out=out["classifier"], checkpoint=ck["classifier"],
+                               components=[f"blocks.{last}.attn", f"blocks.{last - 1}.attn"], class_index="pred",
+                               image_ids=[f"test/{i:05d}" for i in range(8 if small else 24)], masks_dir=masks))
+    res["heatmap_classifier"] = r.get("summary")
+    return {"out": out, "summary": res}
+
+
+def _last_block(store: str) -> int:
+    from ..store import open_store
+
+    return max(c.block for c in open_store(store).components if c.block is not None)
+
+
+class _Stages:
+    """``with stage(title):`` reports the start and the duration of a stage and records its title."""
+
+    def __init__(self, say: Callable[[str], None], record: list):
+        self.say, self.record = say, record
+
+    def __call__(self, title: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            t = time.time()
+            self.record.append(title)
+            self.say(f"[demo] {title} ...")
+            yield
+            self.say(f"[demo] {title}: done in {time.time() - t:.0f} s")
+        return cm()
