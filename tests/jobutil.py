@@ -1,6 +1,7 @@
 """Helpers for job tests: generated image corpora, a local S3 (moto) behind a stoppable forwarder."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 import socket
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import vitdecomp.toyworld  # noqa: F401,E402  (registers the toy world's architectures, used by write_store)
 
 BAD = {"bad/not_image.jpg": b"this is not an image", "bad/empty.png": b"", "notes.txt": b"hello"}
 
@@ -184,50 +187,40 @@ def synthetic_components(blocks: int = 3, heads: int = 2):
     return comps + [Component("bias", "bias", "")]
 
 
-def _preprocess(model: str) -> dict:
+@functools.lru_cache(maxsize=None)
+def _model(name: str):
+    """The architecture (no weights) whose name, readout and preprocessing planted stores record."""
     import vitdecomp as vd
 
-    return vd.load_model(model, load_weights=False).preprocess
+    return vd.load_model(name, load_weights=False)
 
 
 def write_store(path, contributions: np.ndarray, components, columns: dict | None = None, ids=None,
                 model: str = "open_clip:vitdecomp-toy-clip", space: str = "clip", fmt: str = "parquet") -> str:
     """A store with exactly these contributions ``[n, K, d]`` (readout = their sum) and pass-through
-    columns, written through the Store API — planted truth for query tests."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    columns (``uri`` among them is the URI column), written through the Store API — planted truth for
+    query tests. The manifest records ``model`` (its name and preprocessing) with a ``d``-dimensional
+    readout in ``space``, and the given components (they need not be the model's)."""
+    import dataclasses
+    from types import SimpleNamespace
 
-    from vitdecomp.store import Store, column_for, contributions_schema, vectors_to_arrow
-    from vitdecomp.store.manifest import components_to_json
+    import pyarrow as pa
+
+    from vitdecomp.config import DecomposeOptions
+    from vitdecomp.store import Manifest, Store
 
     n, K, d = contributions.shape
     assert K == len(components)
     ids = ids or [f"img{i:05d}" for i in range(n)]
-    columns = columns or {}
+    columns = dict(columns or {})
     uris = columns.pop("uri", None) or [f"/nonexistent/{i}.png" for i in ids]
     extra = pa.table(columns) if columns else pa.table({})
-    schema = contributions_schema(components, d, "fp32", extra.schema, None)
-    manifest = {"format": fmt, "model": {"name": model, "readout": {"kind": "image_embedding", "pool": "token[0]",
-                                                                    "dim": d, "space": space},
-                                         "pretrained": None, "checkpoint": None, "checkpoint_sha256": None},
-                "teacher": None, "preprocess": _preprocess(model), "teacher_preprocess": None,
-                "options": {"blocks": None, "heads": True, "convention": "centered", "normalize": False,
-                            "readout_only": False},
-                "components": components_to_json(components), "d": d, "dtype": "fp32",
-                "passthrough": [f.name for f in extra.schema]}
-    st = Store(str(path))
-    st.create(manifest, schema)
-    data = {"image_id": ids, "uri": uris, **{c: extra.column(c) for c in extra.column_names},
-            "readout": vectors_to_arrow(contributions.sum(1), "fp32")}
-    for k, c in enumerate(components):
-        data[column_for(c.name)] = vectors_to_arrow(contributions[:, k], "fp32")
-    table = pa.table(data).cast(schema)
-    if fmt == "lance":
-        import lance
-
-        lance.write_dataset(table, st.lance_uri("contributions"), mode="append")
-    else:
-        name = "contributions/synthetic.parquet"
-        pq.write_table(table, os.path.join(str(path), name))
-        st.commit([{"file": name, "rows": n}], None)
+    m = Manifest.build(_model(model), components, DecomposeOptions(dtype="fp32"), format=fmt,
+                       passthrough=extra.schema, source_kind="planted")
+    m = dataclasses.replace(m, d=d, model=dataclasses.replace(m.model, readout={**m.model.readout, "dim": d,
+                                                                                  "space": space}))
+    st = Store.create(str(path), m)
+    chunk = SimpleNamespace(names=[c.name for c in components], contributions=contributions,
+                            readout=contributions.sum(1))
+    st.append(chunk, ids, columns={c: extra.column(c) for c in extra.column_names}, uris=uris)
     return str(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from vitdecomp.query.compattribute import Sums, basis, scores
 
@@ -39,3 +40,81 @@ def test_planted_component_ranks_first_per_property():
     sc = scores(Sums.of(c, np.concatenate([Qa, Qb])), [2, 2])
     assert sc[:, 0].argmax() == 2 and sc[:, 1].argmax() == 4
     assert sc[2, 0] > 0.9 and sc[2, 0] > abs(sc[4, 0]) + 0.4 and sc[4, 1] > 0.9
+
+
+# ------------------------------------------------------------------ the Python API on arrays and stores
+def test_compattribute_on_arrays_by_hand():
+    """A tiny case computed by hand: 4 images, 2 components in 2-d, one property along e_1."""
+    import vitdecomp as vd
+
+    c = np.array([[[1.0, 0.0], [2.0, 5.0]],
+                  [[2.0, 1.0], [1.0, 0.0]],
+                  [[3.0, 0.0], [5.0, 1.0]],
+                  [[4.0, 2.0], [3.0, 3.0]]])                  # [n=4, K=2, d=2]
+    p0, p1 = c[:, 0, 0], c[:, 1, 0]                           # projections on q = e_1 ...
+    s = p0 + p1                                               # ... and of the total
+    r = lambda a, b: float(np.sum((a - a.mean()) * (b - b.mean())) /  # noqa: E731
+                           np.sqrt(np.sum((a - a.mean()) ** 2) * np.sum((b - b.mean()) ** 2)))
+    want = np.array([[r(s, p0)], [r(s, p1)]])
+    np.testing.assert_allclose(want[:, 0], [np.corrcoef(s, p0)[0, 1], np.corrcoef(s, p1)[0, 1]], atol=1e-12)
+    table, sc, names = vd.query.compattribute(c, properties={"x": np.array([[3.0, 0.0]])}, names=["u", "v"])
+    assert names == ["u", "v"] and sc.shape == (2, 1)
+    np.testing.assert_allclose(sc, want, atol=1e-12)
+    assert table.to_pylist() == [{"component": "u", "property": "x", "score": want[0, 0]},
+                                 {"component": "v", "property": "x", "score": want[1, 0]}]
+    # torch input, a 1-d embedding and a negated direction give the same scores
+    _, sc2, _ = vd.query.compattribute(torch_tensor(c), properties={"x": np.array([-1.0, 0.0])}, names=["u", "v"])
+    np.testing.assert_allclose(sc2, want, atol=1e-12)
+    # two directions: the mean of the per-direction Pearsons (QR in the given order)
+    q1 = np.array([[0.0, 1.0]])
+    _, sc3, _ = vd.query.compattribute(c, properties={"xy": np.array([[2.0, 0.0], [1.0, 1.0]]), "y": q1},
+                                       names=["u", "v"])
+    ry = np.array([np.corrcoef(c[:, :, 1].sum(1), c[:, k, 1])[0, 1] for k in range(2)])
+    np.testing.assert_allclose(sc3[:, 0], (want[:, 0] + ry) / 2, atol=1e-12)
+    np.testing.assert_allclose(sc3[:, 1], ry, atol=1e-12)
+
+
+def torch_tensor(a):
+    import torch
+
+    return torch.tensor(a, dtype=torch.float64)
+
+
+def test_compattribute_array_path_equals_store_path(tmp_path):
+    import vitdecomp as vd
+    import vitdecomp.toyworld  # noqa: F401  (registers the toy CLIP that write_store records)
+    from jobutil import synthetic_components, write_store
+    from vitdecomp.errors import InputError
+
+    rng = np.random.default_rng(3)
+    comps = synthetic_components(blocks=2, heads=2)
+    n, K, d = 37, len(comps), 16
+    props = {"first": rng.normal(size=(3, d)), "second": rng.normal(size=(2, d))}
+    c = rng.normal(size=(n, K, d)).astype(np.float32)
+    c[:, 3] += (rng.normal(size=(n, 3)) * 4 @ basis(props["first"])).astype(np.float32)   # carries "first"
+    st = vd.open_store(write_store(tmp_path / "s", c, comps))
+    names = [x.name for x in comps]
+    t_store, sc_store, n_store = vd.query.compattribute(st, None, props, distributed=False, batch_size=10)
+    t_arr, sc_arr, n_arr = vd.query.compattribute(c, properties=props, names=names, batch_size=10)
+    assert n_store == n_arr == names
+    np.testing.assert_allclose(sc_arr, sc_store, atol=1e-10)
+    assert t_arr.column("component").to_pylist() == t_store.column("component").to_pylist()
+    assert sc_arr[:, 0].argmax() == 3
+    # a Decomposition-like object, and a selection of components, agree too
+    dec = type("Dec", (), {"names": names, "contributions": torch_tensor(c.astype(np.float64))})()
+    sel = names[2:5]
+    _, sc_sel_store, _ = vd.query.compattribute(st, None, props, components=sel, distributed=False)
+    _, sc_sel_dec, n_sel = vd.query.compattribute(dec, properties=props, components=sel)
+    assert n_sel == sel
+    np.testing.assert_allclose(sc_sel_dec, sc_sel_store, atol=1e-10)
+    # errors name the value and how to fix it
+    with pytest.raises(InputError, match="needs names="):
+        vd.query.compattribute(c, properties=props)
+    with pytest.raises(InputError, match=r"3 names for an array with K=%d" % K):
+        vd.query.compattribute(c, properties=props, names=names[:3])
+    with pytest.raises(InputError, match=r"property 'color' is given as descriptions.*clip="):
+        vd.query.compattribute(c, properties={"color": ["red color"]}, names=names)
+    with pytest.raises(InputError, match="d=8 but the contributions d=16"):
+        vd.query.compattribute(c, properties={"x": np.ones((1, 8))}, names=names)
+    with pytest.raises(InputError, match="unknown component 'blocks.9.mlp'"):
+        vd.query.compattribute(c, properties=props, names=names, components=["blocks.9.mlp"])

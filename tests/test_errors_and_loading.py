@@ -129,8 +129,12 @@ def test_unknown_final_norm_and_pooling_are_refused():
 
 
 def test_non_module_model_is_refused():
-    with pytest.raises((UnsupportedModuleError, InputError, AttributeError, TypeError)):
-        vd.decompose(object(), torch.randn(1, 3, 224, 224))
+    msg = r"^expected a torch nn\.Module or a LoadedModel, got object \(<object object at 0x[0-9a-f]+>\); " \
+          r"pass the model itself or vitdecomp\.load_model\('timm:<name>'\)$"
+    for call in (lambda: vd.decompose(object(), torch.randn(1, 3, 224, 224)), lambda: vd.components_for(object())):
+        with pytest.raises(InputError, match=msg) as info:
+            call()
+        assert type(info.value) is InputError
 
 
 # ---------------------------------------------------------------- names, tags, checkpoints

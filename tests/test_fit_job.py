@@ -15,6 +15,7 @@ from vitdecomp.config import CompAlignConfig, TextSpanConfig
 from vitdecomp.fit.jobs import run_compalign, run_textspan
 from vitdecomp.fit.text import encode_texts, read_pool
 from vitdecomp.fit.textspan import Moments, textspan_one
+from vitdecomp.query.compattribute import read_properties
 from vitdecomp.toyworld.registry import TOY_CLIP, TOY_VIT
 
 
@@ -73,7 +74,11 @@ def test_compalign_from_store_and_textspan_through_the_aligner(stores, pool, tmp
     aligner = vd.fit.Aligner.load(art)
     st = vd.open_store(stores["vit"])
     b = next(vd.fit.aligned_batches(st, aligner, batch_size=8))
-    assert b.contributions.shape == (8, len(st.names), 64)
+    raw = next(st.iter_batches(batch_size=8))
+    A, bias = aligner.maps.numpy().astype(np.float64), aligner.bias.numpy().astype(np.float64)
+    by_hand = np.einsum("kod,bkd->bko", A, raw.contributions.astype(np.float64)) + bias / len(st.names)
+    assert list(b.ids) == list(raw.ids) and aligner.names == st.names
+    np.testing.assert_allclose(b.contributions, by_hand, rtol=1e-5, atol=1e-5 * np.abs(by_hand).max())
     r = run_textspan(TextSpanConfig(store=stores["vit"], out=str(tmp_path / "ts"), pool=pool, aligner=art,
                                  texts_per_head=2, rank=8, cache_dir=str(tmp_path / "cache"), distributed=False))
     assert r["table"].num_rows == 2 * 16              # 2 texts x 4 heads x the last 4 blocks (the default)
@@ -124,7 +129,27 @@ def test_textspan_reconstruction_evaluation(stores, pool, tmp_path):
     r2 = run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "ev2"), pool=pool, texts_per_head=2,
                                   rank=8, last_layers=2, label_column="label", cache_dir=str(tmp_path / "cache"),
                                   distributed=False))
-    assert 0.0 <= r2["evaluation"]["accuracy_reconstructed"] <= 1.0
+    # independent: each explained head replaced by mean + (X − mean)QQᵀ, Q spanning its picked texts
+    # projected on the top-8 right singular vectors of its raw X; earlier layers mean-ablated
+    ev2 = r2["evaluation"]
+    assert ev2["classes"] == ["blue", "red"]                       # default: the sorted label values
+    pool_emb = encode_texts(clip, read_pool(pool), cache_dir=str(tmp_path / "cache")).astype(np.float64)
+    T2 = encode_texts(clip, ["blue", "red"], cache_dir=str(tmp_path / "cache")).astype(np.float64)
+    y2 = np.array([["blue", "red"].index(v) for b in bs for v in b.columns["label"].to_pylist()])
+    rec = c.copy()                                                 # embed and blocks 0-1 already mean-ablated
+    picked = {}
+    for row in r2["table"].to_pylist():
+        picked.setdefault(row["component"], []).append(row["text_index"])
+    assert sorted(picked) == sorted(x.name for x in st.components if x.kind == "head" and x.block >= 2)
+    for name, picks in picked.items():
+        k = st.names.index(name)
+        X = full[:, k]
+        V = np.linalg.svd(X, full_matrices=False)[2][:8].T
+        Q = np.linalg.qr((pool_emb[picks] @ V @ V.T).T)[0]
+        rec[:, k] = X.mean(0) + (X - X.mean(0)) @ Q @ Q.T
+    acc = lambda z: float(np.mean((z.sum(1) @ T2.T).argmax(-1) == y2))  # noqa: E731
+    assert abs(ev2["accuracy_reconstructed"] - acc(rec)) < 1e-12
+    assert abs(ev2["accuracy_full"] - acc(full)) < 1e-12
     with pytest.raises(InputError, match="label_column"):
         run_textspan(TextSpanConfig(store=stores["clip"], out=str(tmp_path / "ev3"), pool=pool, label_column="nope"))
 
@@ -138,8 +163,15 @@ def test_query_compattribute_on_stores(stores, tmp_path):
     r = run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q"), properties=str(props),
                                            cache_dir=str(tmp_path / "cache")))
     assert (tmp_path / "q" / "compattribute.parquet").exists() and (tmp_path / "q" / "compattribute.png").exists()
-    assert r["scores"].shape == (len(vd.open_store(stores["clip"]).names), 9)
-    assert np.all(np.abs(r["scores"]) <= 1 + 1e-9)
+    # independent: SPEC §6 on the stored contributions, property by property (numpy QR and corrcoef)
+    st = vd.open_store(stores["clip"])
+    assert r["names"] == st.names and r["properties"] == list(read_properties(str(props)))
+    torch.manual_seed(0)                   # the job builds random-init text models from seed 0
+    clip = vd.load_model(TOY_CLIP)
+    emb = {p: encode_texts(clip, d, cache_dir=str(tmp_path / "cache")) for p, d in read_properties(str(props)).items()}
+    full = np.concatenate([b.contributions for b in st.iter_batches(dtype=np.float64)])
+    # (the streamed sums leave a constant component at ~1e-8 instead of 0: cancellation in Σp² − (Σp)²/n)
+    np.testing.assert_allclose(r["scores"], direct_compattribute(full, list(emb.values())), atol=1e-6)
     r2 = run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q2"), properties=str(props),
                                             cache_dir=str(tmp_path / "cache"), distributed=False))
     np.testing.assert_allclose(r["scores"], r2["scores"], atol=1e-9)     # distributed == in-process
@@ -147,11 +179,34 @@ def test_query_compattribute_on_stores(stores, tmp_path):
     run_compalign(CompAlignConfig(store=stores["vit"], out=art, max_epochs=1))
     r3 = run_compattribute(CompAttributeConfig(store=stores["vit"], out=str(tmp_path / "q3"), aligner=art,
                                             cache_dir=str(tmp_path / "cache")))
-    assert r3["scores"].shape[1] == 7
+    # through the aligner: every component mapped by hand (A_k c + b/K), then the same formula
+    aligner = vd.fit.Aligner.load(art)
+    raw = np.concatenate([b.contributions for b in vd.open_store(stores["vit"]).iter_batches(dtype=np.float64)])
+    A, bias = aligner.maps.numpy().astype(np.float64), aligner.bias.numpy().astype(np.float64)
+    mapped = np.einsum("kod,bkd->bko", A, raw) + bias / len(aligner.names)
+    emb7 = [emb[p] for p in r3["properties"]]
+    assert r3["properties"] == list(vd.query.DEFAULT_PROPERTIES) and r3["names"] == aligner.names
+    np.testing.assert_allclose(r3["scores"], direct_compattribute(mapped, emb7), atol=1e-5)
     with pytest.raises(InputError, match="aligner"):
         run_compattribute(CompAttributeConfig(store=stores["plain"], out=str(tmp_path / "q4")))
     with pytest.raises(InputError, match="unknown component"):
         run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q5"), components=["embedd"]))
+
+
+def direct_compattribute(c: np.ndarray, embeddings: list) -> np.ndarray:
+    """``[K, P]``: per property, the mean over the orthonormalised description directions (QR, given
+    order) of the Pearson correlation over images of ⟨c_k, q⟩ with ⟨Σ_j c_j, q⟩ (0 for a constant one,
+    e.g. the ``bias`` component)."""
+    def pearson(a, b):
+        return 0.0 if np.ptp(a) == 0 or np.ptp(b) == 0 else np.corrcoef(a, b)[0, 1]
+
+    out = np.zeros((c.shape[1], len(embeddings)))
+    total = c.sum(1)
+    for j, e in enumerate(embeddings):
+        Q = np.linalg.qr(np.asarray(e, np.float64).T)[0].T
+        for k in range(c.shape[1]):
+            out[k, j] = np.mean([pearson(total @ q, c[:, k] @ q) for q in Q])
+    return out
 
 
 def test_list_options_parse_as_lists():

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 import vitdecomp as vd
 from vitdecomp.toyworld.generate import HUE_RANGES, SCENES, WorldConfig, _mask, caption, generate, render, sample_attributes
@@ -66,6 +67,26 @@ def test_toy_architectures_load_by_name_and_decompose_exactly(tmp_path):
         vd.load_model(TOY_VIT, pretrained=True)
 
 
+def average_precision_by_hand(score: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over the foreground pixels of the precision among the pixels scoring at least as high."""
+    s, pos = score.ravel(), np.sort(score.ravel()[mask.ravel()])
+    everyone = np.sort(s)
+    at_least = len(s) - np.searchsorted(everyone, pos, side="left")         # pixels with score ≥ this one's
+    pos_at_least = len(pos) - np.searchsorted(pos, pos, side="left")        # foreground pixels with score ≥
+    return float(np.mean(pos_at_least / at_least))
+
+
+def test_average_precision_by_hand():
+    from vitdecomp.query.heatmaps import average_precision
+
+    rng = np.random.default_rng(0)
+    score = np.round(rng.random((9, 9)), 1)                                 # ties included
+    mask = rng.random((9, 9)) < 0.3
+    assert average_precision_by_hand(score, mask) == pytest.approx(average_precision(score, mask), abs=1e-12)
+    assert average_precision_by_hand(np.array([0.9, 0.8, 0.7]), np.array([True, False, True])) == \
+        pytest.approx((1 / 1 + 2 / 3) / 2)
+
+
 @pytest.mark.slow
 def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp_path):
     from vitdecomp.toyworld.demo import run
@@ -119,10 +140,33 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
         len(s["queries"]["mitigation_signed"]["ablated"]) == 5
     seg = pq.read_table(q["clip"] / "segmentation.parquet").to_pylist()
     per_image = [r for r in seg if r["kind"] == "image"]
-    assert len(per_image) == 4 and all(0.0 <= r["pixacc"] <= 1.0 and 0.0 <= r["ap"] <= 1.0 for r in per_image)
+    assert len(per_image) == 4
+    # the metrics recomputed by hand from the stored heatmaps and the world's masks
+    heat = {r["image_id"]: r for r in pq.read_table(q["clip"] / "heatmaps.parquet").to_pylist()}
+    for r in per_image:
+        h = heat[r["image_id"]]
+        grid = torch.tensor(h["heatmap"], dtype=torch.float64).reshape(1, 1, h["grid_h"], h["grid_w"])
+        up = torch.nn.functional.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)[0, 0].numpy()
+        with Image.open(os.path.join(s["world"], "masks", r["image_id"] + ".png")) as im:
+            mask = np.asarray(im.convert("L")) > 127       # 64 px images = the 64 px model input: no resampling
+        norm = (up - up.min()) / (up.max() - up.min())
+        assert r["pixacc"] == pytest.approx(float(np.mean((norm > norm.mean()) == mask)), abs=1e-12)
+        assert r["ap"] == pytest.approx(average_precision_by_hand(norm, mask), abs=1e-9)
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
     assert set(summary["reports"]) == {"clip", "classifier"}
-    assert 0.0 <= summary["classifier_groups"]["worst_group"] <= 1.0 and set(summary["clip_zero_shot"]) >= {"shape"}
+    assert set(summary["clip_zero_shot"]) >= {"shape"}
+    # the classifier's group accuracies on the test split, recomputed from the stored readouts through its head
+    head = vd.load_model(TOY_VIT, checkpoint=s["models"]["classifier"]["checkpoint"]).model.get_classifier()
+    W, bias = head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
+    hits: dict = {}
+    for b in clf.iter_batches(batch_size=128, columns=["split", "label", "group"], dtype=np.float64):
+        pred = (b.readout @ W.T + bias).argmax(-1)
+        for p, split, y, g in zip(pred, *(b.columns[c].to_pylist() for c in ("split", "label", "group"))):
+            if split == "test":
+                hits.setdefault(g, []).append(int(p) == int(y))
+    groups = {g: float(np.mean(v)) for g, v in hits.items()}
+    assert summary["classifier_groups"]["groups"] == pytest.approx(groups, abs=1e-12)
+    assert summary["classifier_groups"]["worst_group"] == pytest.approx(min(groups.values()), abs=1e-12)
 
     s2 = run(str(tmp_path), small=True)                       # cached: no retraining, nothing re-stored
     assert all(s2["models"][k]["cached"] for k in ("classifier", "clip"))

@@ -188,6 +188,33 @@ def positive(cfg: Config, *names: str, allow_none: bool = True) -> None:
             raise OptionError(n, f"must be a positive whole number, got {v!r}")
 
 
+def local_file(cfg: Config, name: str, kind: str = "text") -> None:
+    """A file option that names a local path must exist, be readable and (``kind="yaml"``) parse to a
+    non-empty mapping; ``s3://`` paths are checked when they are read."""
+    path = getattr(cfg, name)
+    if not path or str(path).startswith("s3://"):
+        return
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise OptionError(name, f"{path!r} does not exist or is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionError(name, f"{path!r} cannot be read: {e}") from None
+    if kind == "yaml":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise OptionError(name, f"{path!r} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict) or not data:
+            raise OptionError(name, f"{path!r} must map each property name to a non-empty list of descriptions")
+    elif not text.strip():
+        raise OptionError(name, f"{path!r} is empty (it needs one entry per line)")
+
+
 def fraction(cfg: Config, name: str) -> None:
     v = getattr(cfg, name)
     if not 0.0 < v < 1.0:
@@ -329,10 +356,20 @@ class DecomposeConfig(DecomposeOptions, S3Options):
     decode_resources: Optional[dict[str, float]] = None   # custom Ray resources per decode task
     readout_only: bool = False         # benchmark baseline: same pipeline, readout column only
     seed: int = 0                      # random-init models (no weights) are built from this seed
+    max_pixels: Optional[int] = None   # images declaring more pixels are refused (None: Pillow's default limit)
+    alpha_background: str = "white"    # colour transparent pixels are composited on (name or '#rrggbb')
+    dedupe_ids: bool = False           # table input: keep the first row of each duplicate id (else refuse)
 
     def validate(self) -> None:
         super().validate()
-        positive(self, "batch_size", "concurrency", "commit_every", "limit", "num_cpus")
+        positive(self, "batch_size", "concurrency", "commit_every", "limit", "num_cpus", "max_pixels")
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.alpha_background.strip())
+        except ValueError:
+            raise OptionError("alpha_background", f"unknown colour {self.alpha_background!r}: use a colour name "
+                                                  "such as 'white' or '#rrggbb'") from None
         if self.pretrained and self.checkpoint:
             raise OptionError("checkpoint", "pass either pretrained weights or a checkpoint, not both")
         for name in ("worker_resources", "decode_resources"):
@@ -370,6 +407,7 @@ class TextSpanConfig(TextModelOptions, OutputOptions, StoreOptions):
     def validate(self) -> None:
         super().validate()
         positive(self, "last_layers", "texts_per_head", "rank")
+        local_file(self, "pool")
 
 
 @dataclass(frozen=True)
@@ -403,6 +441,10 @@ class CompAttributeConfig(TextModelOptions, OutputOptions, StoreOptions):
     aligner: Optional[str] = None
     distributed: bool = True
 
+    def validate(self) -> None:
+        super().validate()
+        local_file(self, "properties", "yaml")
+
 
 @dataclass(frozen=True)
 class RetrieveConfig(TextModelOptions, OutputOptions, StoreOptions):
@@ -424,6 +466,7 @@ class RetrieveConfig(TextModelOptions, OutputOptions, StoreOptions):
     def validate(self) -> None:
         super().validate()
         positive(self, "top_components", "top_images", "index_threshold", "nprobes")
+        local_file(self, "properties", "yaml")
 
 
 @dataclass(frozen=True)
@@ -478,6 +521,7 @@ class MitigateConfig(HeadOptions):
         super().validate()
         positive(self, "k")
         fraction(self, "val_fraction")
+        local_file(self, "properties", "yaml")
         if self.random_draws < 0:
             raise OptionError("random_draws", f"must not be negative, got {self.random_draws!r}")
         import re

@@ -171,6 +171,51 @@ def load_state_dict(path: str) -> dict:
     return sd
 
 
+def verify_checkpoint(lm: "LoadedModel", path: str) -> None:
+    """Check, without loading it into the model, that the weights file at ``path`` is readable without
+    unpickling code and fits ``lm``'s architecture (same keys, same shapes). Raises :class:`OptionError`
+    (option ``checkpoint``) with one line saying what does not fit."""
+    from .config import OptionError
+
+    if not os.path.isfile(path):
+        raise OptionError("checkpoint", f"{path!r} does not exist (expected a local weights file)")
+    shapes: dict[str, tuple] = {}
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise OptionError("checkpoint", f"{path!r} is not a readable safetensors file ({str(e)[:120]})") from None
+    else:
+        try:
+            sd = load_state_dict(path)
+        except Exception as e:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, EOFError, KeyError…
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            stem = os.path.splitext(path)[0]
+            raise OptionError("checkpoint", (
+                f"{path!r} cannot be loaded as plain weights ({type(e).__name__}: {first}); it may hold pickled "
+                "Python objects, which are never unpickled here; convert it to safetensors (where you trust the file): "
+                f"python -c \"import torch; from safetensors.torch import save_file; sd = torch.load({path!r}, "
+                f"weights_only=False); sd = sd.get('state_dict', sd.get('model', sd)); "
+                f"save_file({{k: v.contiguous() for k, v in sd.items()}}, {stem + '.safetensors'!r})\"")) from None
+        if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+            raise OptionError("checkpoint", f"{path!r} does not hold a mapping of parameter names to tensors")
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    want = {k: tuple(v.shape) for k, v in lm.model.state_dict().items()}
+    missing = [k for k in want if k not in shapes]
+    extra = [k for k in shapes if k not in want]
+    wrong = [f"{k}: file {list(shapes[k])} vs model {list(want[k])}" for k in want if k in shapes and shapes[k] != want[k]]
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[:2]})" if extra else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[:2]})" if wrong else ""]
+        raise OptionError("checkpoint", f"{path!r} does not fit {lm.name}: " + "; ".join(p for p in parts if p) +
+                                        " — is it the checkpoint of another model or size?")
+
+
 def _seeded(seed: int, build):
     """``build()`` with the CPU RNG seeded by ``seed`` and restored afterwards."""
     with torch.random.fork_rng(devices=[]):

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
-    from . import benchmark, decompose, demo, fit, query
+    from . import benchmark, decompose, demo, fit, query, store
 
     p = argparse.ArgumentParser(prog="vitdecomp", description="Exact per-component decomposition of vision models "
                                 "over whole datasets: decompose, fit, query.")
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     decompose.add_parser(sub)
     fit.add_parser(sub)
     query.add_parser(sub)
+    store.add_parser(sub)
     benchmark.add_parser(sub)
     return p
 
@@ -51,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vitdecomp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     command = " ".join(x for x in (args.command, getattr(args, "fit", None), getattr(args, "query", None),
-                                   getattr(args, "benchmark", None)) if x)
+                                   getattr(args, "benchmark", None), getattr(args, "store_command", None)) if x)
     try:
         rc = args.func(args)
     except VitdecompError as e:

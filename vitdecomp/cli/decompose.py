@@ -43,6 +43,11 @@ HELP = {
                         "(keeps decoding on CPU nodes)",
     "readout_only": "store only the readout (the plain-embedding baseline of `benchmark job`)",
     "seed": "random-init models (no weights given) are built from this seed; recorded in the manifest",
+    "max_pixels": "refuse images whose header declares more pixels than this, before decoding them (they go to "
+                  "the errors table); default: Pillow's limit of 89,478,485 pixels",
+    "alpha_background": "colour transparent pixels are composited on: a colour name or '#rrggbb' (default white)",
+    "dedupe_ids": "table input: keep the first row of each duplicate id and drop rows without an id (counted as "
+                  "skipped by rule) instead of refusing the table",
 }
 
 

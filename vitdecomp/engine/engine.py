@@ -143,7 +143,19 @@ class _Ctx:
 
 
 def _unwrap(model) -> nn.Module:
-    return getattr(model, "model", model) if not isinstance(model, nn.Module) else model
+    """The ``nn.Module`` to decompose: ``model`` itself, or a :class:`~vitdecomp.models.LoadedModel`'s ``.model``."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise InputError(f"expected a torch nn.Module or a LoadedModel, got {type(model).__qualname__} "
+                     f"({_short_repr(model)}); pass the model itself or vitdecomp.load_model('timm:<name>')")
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def select_blocks(n_blocks: int, blocks: Optional[Iterable[int]]) -> list[int]:

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import AlignConfig
 from ..errors import InputError
+from ..io import S3Settings, open_output, read_bytes, split
 from ..store.manifest import manifest_hash
 
 log = logging.getLogger(__name__)
@@ -51,26 +51,31 @@ class Aligner:
         sel = [self.names.index(n) for n in names]
         return Aligner([self.names[i] for i in sel], self.maps[sel], self.bias * len(sel) / len(self.names), self.meta)
 
-    def save(self, path: str) -> None:
-        from safetensors.torch import save_file
+    def save(self, path: str, s3: Optional[S3Settings] = None) -> str:
+        """Write ``<path>.safetensors`` and ``<path>.json`` (``path`` local or ``s3://``, written
+        atomically with the job's S3 settings ``s3``); returns ``path`` without extension."""
+        from safetensors.torch import save
 
         base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
-        save_file({"maps": self.maps.contiguous(), "bias": self.bias.contiguous()}, base + ".safetensors")
-        with open(base + ".json", "w") as f:
-            json.dump({"components": self.names, **self.meta}, f, indent=2, sort_keys=True)
+        parent, name = split(base)
+        out = open_output(parent, s3)
+        out.makedirs()
+        out.write_bytes(name + ".safetensors", save({"maps": self.maps.contiguous(), "bias": self.bias.contiguous()}))
+        out.write_json(name + ".json", {"components": self.names, **self.meta}, sort_keys=True)
+        return base
 
     @classmethod
-    def load(cls, path: str) -> "Aligner":
-        from safetensors.torch import load_file
+    def load(cls, path: str, s3: Optional[S3Settings] = None) -> "Aligner":
+        """The artefact :meth:`save` wrote at ``path`` (with or without extension; local or ``s3://``)."""
+        from safetensors.torch import load
 
         base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
         base = base[:-len(".json")] if base.endswith(".json") else base
-        if not os.path.exists(base + ".safetensors") or not os.path.exists(base + ".json"):
-            raise InputError(f"no CompAlign artefact at {base}(.safetensors|.json)")
-        t = load_file(base + ".safetensors")
-        with open(base + ".json") as f:
-            meta = json.load(f)
+        try:
+            t = load(read_bytes(base + ".safetensors", s3))
+            meta = json.loads(read_bytes(base + ".json", s3))
+        except FileNotFoundError as e:
+            raise InputError(f"no CompAlign artefact at {base}(.safetensors|.json): {e}") from None
         return cls(meta.pop("components"), t["maps"], t["bias"], meta)
 
 

@@ -2,9 +2,7 @@
 (:mod:`vitdecomp.config`), writes its artefacts to ``cfg.out`` and returns what it computed."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -15,18 +13,20 @@ log = logging.getLogger(__name__)
 
 
 def run_compalign(cfg: CompAlignConfig) -> dict:
-    """CompAlign from the store's teacher column; saves ``cfg.out`` + ``.safetensors``/``.json``.
-    Returns the metrics and the aligner."""
+    """CompAlign from the store's teacher column; saves ``cfg.out`` + ``.safetensors``/``.json``
+    (local or ``s3://``). Returns the metrics, the aligner and where it was saved."""
+    from ..io import open_output, split
     from ..store import open_store
     from .compalign import fit_store
 
     cfg.check_required()
     st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
+    open_output(split(cfg.out)[0], cfg.s3()).makedirs()        # a bad output location fails before training
     aligner, metrics = fit_store(st, cfg)
-    aligner.save(cfg.out)
+    path = aligner.save(cfg.out, cfg.s3())
     log.info("compalign: %d components -> %d-d teacher space; best validation cosine %.4f after %d epochs",
              len(aligner.names), aligner.maps.shape[1], metrics["best_val_cosine"], metrics["epochs"])
-    return {**metrics, "aligner": aligner, "path": cfg.out}
+    return {**metrics, "aligner": aligner, "path": path}
 
 
 def default_components(store, last_layers: int) -> list[str]:
@@ -41,9 +41,9 @@ def default_components(store, last_layers: int) -> list[str]:
 
 def run_textspan(cfg: TextSpanConfig) -> dict:
     """TextSpan for the chosen components (default: the heads of the last ``last_layers`` blocks);
-    writes ``textspan.parquet``, ``textspan.txt`` and ``textspan.json`` into ``cfg.out``."""
-    import pyarrow.parquet as pq
-
+    writes ``textspan.parquet``, ``textspan.txt`` and ``textspan.json`` into ``cfg.out`` (local or
+    ``s3://``)."""
+    from ..io import open_output
     from ..store import open_store
     from .compalign import Aligner
     from .text import encode_texts, read_pool, resolve_text_model
@@ -52,10 +52,12 @@ def run_textspan(cfg: TextSpanConfig) -> dict:
     cfg.check_required()
     st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
     m = st.manifest
-    aligner = Aligner.load(cfg.aligner) if cfg.aligner else None
+    aligner = Aligner.load(cfg.aligner, cfg.s3()) if cfg.aligner else None
     clip = resolve_text_model(st, aligner, cfg, what="TextSpan")
     names = list(cfg.components) if cfg.components else default_components(st, cfg.last_layers)
-    pool = read_pool(cfg.pool)
+    pool = read_pool(cfg.pool, cfg.s3())
+    out = open_output(cfg.out, cfg.s3())
+    out.makedirs()                                  # a bad output location fails before any work
     t0 = time.time()
     texts = encode_texts(clip, pool, cache_dir=cfg.text_cache)
     log.info("encoded %d descriptions in %.0f s", len(pool), time.time() - t0)
@@ -69,21 +71,20 @@ def run_textspan(cfg: TextSpanConfig) -> dict:
     if cfg.label_column:
         evaluation = reconstruction_accuracy(st, clip, spans, cfg.label_column, cfg.class_names, aligner,
                                              cache_dir=cfg.text_cache)
-    os.makedirs(cfg.out, exist_ok=True)
-    pq.write_table(table, os.path.join(cfg.out, "textspan.parquet"))
+    out.write_parquet("textspan.parquet", table)
     text = report(table, f"TextSpan — {m['model']['name']} ({st.uri}), {mo.n} images, {len(pool)} descriptions")
-    with open(os.path.join(cfg.out, "textspan.txt"), "w") as f:
-        f.write(text)
-    with open(os.path.join(cfg.out, "textspan.json"), "w") as f:
-        json.dump({"store": st.uri, "model": m["model"]["name"], "components": names, "pool": cfg.pool or "default",
-                   "pool_size": len(pool), "texts_per_head": cfg.texts_per_head, "rank": cfg.rank,
-                   "aligner": cfg.aligner, "images": mo.n, "evaluation": evaluation}, f, indent=2)
+    out.write_text("textspan.txt", text)
+    out.write_json("textspan.json", {"store": st.uri, "model": m["model"]["name"], "components": names,
+                                     "pool": cfg.pool or "default", "pool_size": len(pool),
+                                     "texts_per_head": cfg.texts_per_head, "rank": cfg.rank, "aligner": cfg.aligner,
+                                     "images": mo.n, "evaluation": evaluation})
     return {"table": table, "images": mo.n, "evaluation": evaluation, "spans": spans, "text": text,
-            "components": names, "out": cfg.out}
+            "components": names, "out": out.uri()}
 
 
 def run_probe(cfg: ProbeConfig) -> dict:
-    """A linear probe on the stored readouts (rows of ``fit_split`` when a split column is given)."""
+    """A linear probe on the stored readouts (rows of ``fit_split`` when a split column is given),
+    saved as ``cfg.out`` + ``.safetensors``/``.json`` (local or ``s3://``)."""
     from ..store import open_store
     from ..store.splits import select_ids
     from .probe import fit_probe
@@ -93,6 +94,6 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ids = select_ids(st, cfg.split_column, cfg.fit_split) if cfg.split_column else None
     head, info = fit_probe(st, cfg.label_column, ids=ids, class_names=cfg.class_names, l2=cfg.l2,
                            max_rows=cfg.max_rows)
-    path = head.save(cfg.out)
+    path = head.save(cfg.out, cfg.s3())
     return {"head": head, "path": path, **info}
 

@@ -3,7 +3,6 @@ classifier, or a linear probe fitted on the stored readouts (multinomial logisti
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from ..config import OptionError
 from ..errors import InputError
+from ..io import S3Settings, open_output, read_bytes, split
 from ..store.splits import check_column
 
 
@@ -29,29 +29,34 @@ class LinearHead:
     def logits(self, z: np.ndarray) -> np.ndarray:
         return z @ self.W.T + self.b
 
-    def save(self, path: str) -> str:
+    def save(self, path: str, s3: Optional[S3Settings] = None) -> str:
+        """Write ``<path>.safetensors`` and ``<path>.json`` (``path`` local or ``s3://``, written
+        atomically with the job's S3 settings ``s3``); returns ``path`` without extension."""
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
-        save_file({"W": torch.as_tensor(self.W).contiguous(), "b": torch.as_tensor(self.b).contiguous()},
-                  base + ".safetensors")
-        with open(base + ".json", "w") as f:
-            json.dump({"kind": self.kind, "classes": self.classes, "space": self.space, **self.meta}, f, indent=2)
+        parent, name = split(base)
+        out = open_output(parent, s3)
+        out.makedirs()
+        out.write_bytes(name + ".safetensors", save({"W": torch.as_tensor(self.W).contiguous(),
+                                                     "b": torch.as_tensor(self.b).contiguous()}))
+        out.write_json(name + ".json", {"kind": self.kind, "classes": self.classes, "space": self.space, **self.meta})
         return base
 
     @classmethod
-    def load(cls, path: str) -> "LinearHead":
-        from safetensors.torch import load_file
+    def load(cls, path: str, s3: Optional[S3Settings] = None) -> "LinearHead":
+        """The head :meth:`save` wrote at ``path`` (with or without extension; local or ``s3://``)."""
+        from safetensors.torch import load
 
         base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
         base = base[:-len(".json")] if base.endswith(".json") else base
-        if not (os.path.exists(base + ".safetensors") and os.path.exists(base + ".json")):
-            raise InputError(f"no linear head at {base}(.safetensors|.json); fit one with `vitdecomp fit probe`")
-        t = load_file(base + ".safetensors")
-        with open(base + ".json") as f:
-            meta = json.load(f)
+        try:
+            t = load(read_bytes(base + ".safetensors", s3))
+            meta = json.loads(read_bytes(base + ".json", s3))
+        except FileNotFoundError as e:
+            raise InputError(f"no linear head at {base}(.safetensors|.json); fit one with `vitdecomp fit probe` "
+                             f"({e})") from None
         return cls(meta.pop("kind"), meta.pop("classes"), t["W"].double().numpy(), t["b"].double().numpy(),
                    meta.pop("space", "native"), meta)
 

@@ -39,14 +39,16 @@ def default_pool() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def read_pool(path: Optional[str]) -> list[str]:
-    """A pool file (one description per line; blanks and duplicates dropped), or the default pool."""
+def read_pool(path: Optional[str], s3=None) -> list[str]:
+    """A pool file (one description per line; blanks and duplicates dropped), or the default pool.
+    ``path`` is a local file or ``s3://`` (read with the job's S3 settings ``s3``)."""
     if path is None:
         return default_pool()
+    from ..io import read_bytes
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f]
-    except OSError as e:
+        lines = [ln.strip() for ln in read_bytes(path, s3).decode("utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"description pool {path!r}: {e}") from None
     pool = list(dict.fromkeys(ln for ln in lines if ln))
     if not pool:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from ..config import OptionError
 from ..errors import InputError
+from .arrays import ContributionSource, in_memory, is_store, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +166,45 @@ def textspan_one(n: int, mean: np.ndarray, xtx: np.ndarray, texts: np.ndarray, m
     return textspan_batched(n, mean[None], xtx[None], texts, m=m, rank=rank)[0]
 
 
-def textspan(moments: Moments, names: Sequence[str], texts: np.ndarray, pool: Sequence[str], m: int = 10,
-             rank: int = 80):
-    """TextSpan for every component of ``moments``; returns (pyarrow table, {name: SpanResult})."""
+def textspan(moments: Union[Moments, ContributionSource], names: Optional[Sequence[str]] = None,
+             texts: Optional[np.ndarray] = None, pool: Optional[Sequence[str]] = None, m: int = 10, rank: int = 80, *,
+             aligner=None, distributed: bool = False, batch_size: int = 1024):
+    """TextSpan for every component of ``moments``; returns (pyarrow table, {name: SpanResult}).
+
+    Args:
+        moments: the contributions, as any of
+            - :class:`Moments` of ``K`` components (``names``: their ``K`` names, in order);
+            - a :class:`vitdecomp.store.Store` (``names``: the components to explain; default: all, or
+              the aligner's); its moments are computed in one pass (with Ray Data when ``distributed``);
+            - an array ``[n, K, d]`` (numpy or torch; ``names``: the ``K`` names, in order);
+            - a :class:`vitdecomp.engine.Decomposition` (``names``: the components to explain; default: all).
+        texts: unit text embeddings ``[P, d]`` in the contributions' (CLIP) space, e.g. from
+            :func:`vitdecomp.fit.text.encode_texts`.
+        pool: the ``P`` descriptions (default: ``"text 0"``, ``"text 1"``, …).
+        m: texts picked per component; ``rank``: the SVD rank ``r``.
+        aligner: a CompAlign :class:`~vitdecomp.fit.compalign.Aligner` mapping a store's or array's
+            contributions into its teacher's CLIP space first (not with :class:`Moments`: align those
+            with :meth:`Moments.affine`).
+
+    The table has one row per pick: component, rank, text, text_index, variance_explained, cumulative.
+    """
     import pyarrow as pa
 
+    moments, names = _moments_of(moments, names, aligner, distributed, batch_size)
+    if texts is None:
+        raise InputError("texts: pass the unit text embeddings [P, d] of the description pool "
+                         "(vitdecomp.fit.text.encode_texts(clip, pool))")
+    texts = to_numpy(texts)
+    if texts.ndim != 2:
+        raise InputError(f"text embeddings must be [P, d]; got shape {tuple(texts.shape)}")
+    pool = [f"text {i}" for i in range(texts.shape[0])] if pool is None else list(pool)
     if texts.shape[0] != len(pool):
-        raise InputError("text embeddings and pool differ in length")
+        raise InputError(f"text embeddings and pool differ in length ({texts.shape[0]} embeddings, {len(pool)} "
+                         "descriptions)")
     if texts.shape[1] != moments.sum.shape[1]:
         raise InputError(f"text embeddings have d={texts.shape[1]} but the contributions have d={moments.sum.shape[1]}:"
-                         " the pool was encoded with another model's text tower, or the store needs a CompAlign "
-                         "aligner (--aligner) to map it into the CLIP space")
+                         " the pool was encoded with another model's text tower, or the contributions need a CompAlign "
+                         "aligner to map them into the CLIP space")
     rows, results = [], {}
     batched = []
     for s0 in range(0, len(names), 16):                  # bounded memory: 16 components per batch
@@ -190,6 +219,41 @@ def textspan(moments: Moments, names: Sequence[str], texts: np.ndarray, pool: Se
                          "variance_explained": cum - prev, "cumulative": cum})
             prev = cum
     return pa.Table.from_pylist(rows), results
+
+
+def _moments_of(source, names: Optional[Sequence[str]], aligner, distributed: bool,
+                batch_size: int) -> tuple[Moments, list[str]]:
+    """The moments of ``source`` (Moments, Store, array ``[n, K, d]`` or Decomposition) and their names,
+    mapped by ``aligner`` when given (``A_k x + b/K_aligner``, as the fit job does)."""
+    if isinstance(source, Moments):
+        if aligner is not None:
+            raise InputError("aligner: apply it to the moments yourself (Moments.affine) or pass the store or "
+                             "the contributions instead of their moments")
+        K = source.sum.shape[0]
+        if names is None or len(names) != K:
+            raise InputError(f"moments of {K} components need their {K} names, in order; got "
+                             f"{'none' if names is None else len(names)}")
+        return source, list(names)
+    if is_store(source):
+        if aligner is not None:
+            from .compalign import check_compatible
+
+            check_compatible(aligner, source)
+        names = list(names) if names is not None else list(aligner.names if aligner is not None else source.names)
+        mo = moments_from_store(source, names, distributed=distributed, batch_size=batch_size)
+    else:
+        x, names = in_memory(source, names, what="TextSpan")
+        if x.shape[0] == 0:
+            raise InputError("TextSpan: the array of contributions holds no images")
+        mo = Moments.of(x)
+    if aligner is None:
+        return mo, names
+    missing = [n for n in names if n not in aligner.names]
+    if missing:
+        raise InputError(f"the aligner has no map for {missing[:3]} (it maps {len(aligner.names)} components, "
+                         f"e.g. {aligner.names[:3]})")
+    sel = [aligner.names.index(n) for n in names]
+    return mo.affine(to_numpy(aligner.maps)[sel], to_numpy(aligner.bias) / len(aligner.names)), names
 
 
 def report(table, title: str = "TextSpan") -> str:

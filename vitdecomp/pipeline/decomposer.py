@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import VitdecompError
-from ..store.schema import column_for, vectors_to_arrow
+from ..store.schema import passthrough_names, rows_table
 from .placement import node_id
 
 
@@ -74,15 +74,13 @@ class DecomposeWorker:
                 with torch.inference_mode():
                     e = self.teacher.model.encode_image(tx.to(self.device), normalize=True).float()
                 teacher[idx] = e.cpu().numpy()
-        keep = [c for c in t.column_names if not c.startswith("_")]
-        out = {c: t.column(c) for c in keep}
-        dtype = spec["dtype"]
-        out["readout"] = vectors_to_arrow(readout, dtype, ok)
-        if not spec["readout_only"]:
-            for k, name in enumerate(spec["components"]):
-                out[column_for(name)] = vectors_to_arrow(contrib[:, k], dtype, ok)
-        if teacher is not None:
-            out["teacher"] = vectors_to_arrow(teacher, dtype, ok)
+        # the store's rows (vectors null where decoding failed), built as Store.append builds them
+        names = [] if spec["readout_only"] else spec["components"]
+        rows = rows_table(self.schema, names, t.column("image_id").to_pylist(),
+                          t.column("uri").to_pylist() if "uri" in t.column_names else None,
+                          {c: t.column(c) for c in passthrough_names(self.schema)}, readout,
+                          contrib if names else None, teacher, valid=ok)
+        out = {c: rows.column(c) for c in rows.column_names}
         out["_error"] = t.column("_error")
         if "_decode_node" in t.column_names:
             out["_decode_node"] = t.column("_decode_node")

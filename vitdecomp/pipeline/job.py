@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,8 +26,8 @@ import pyarrow.compute as pc
 from ..config import DecomposeConfig, parse_blocks
 from ..errors import InputError
 from ..store import Store, StoreError
-from ..store.manifest import components_to_json
-from ..store.schema import contributions_schema
+from ..store.lease import LEASE, Lease
+from ..store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class Summary:
     store: str = ""
     nodes: dict = field(default_factory=dict)   # {"decode"|"model": {node address: inputs}} of this run
     extra: dict = field(default_factory=dict)
+    inputs: Optional[int] = None        # inputs the source listed (None: not known before reading)
+    skipped_by_rule: int = 0            # hidden files, duplicate paths, dropped duplicate ids
+    already_stored: Optional[int] = None    # listed inputs whose id the store held before (None: not known)
+    left_by_limit: int = 0              # listed inputs not processed because of the limit option
 
     @property
     def images_per_s(self) -> float:
@@ -53,41 +59,32 @@ class Summary:
         return (f"decompose: {self.written} images written, {self.errors} errors, {self.skipped} already stored "
                 f"(skipped), {self.commits} commits in {self.seconds:.1f} s = {self.images_per_s:.2f} images/s; "
                 f"store {self.store} holds {self.total_rows} rows, {self.bytes_per_image / 1024:.1f} KiB/image"
-                + "".join(f"\ndecompose: {_STAGES[stage]} ran on " + ", ".join(f"{n} ({c} inputs)" for n, c in
-                                                                                sorted(per.items()))
+                + self._accounting()
+                + "".join(f"\ndecompose: {_STAGES[stage]} ran on "
+                          + ", ".join(f"{n} ({c} inputs)" for n, c in sorted(per.items()))
                           for stage, per in self.nodes.items() if per))
 
 
+    def _accounting(self) -> str:
+        """``inputs = rows + errors + skipped-by-rule (+ already stored + left by the limit)``."""
+        if self.inputs is None:
+            return f"; {self.skipped_by_rule} inputs skipped by rule" if self.skipped_by_rule else ""
+        parts = [f"{self.written} rows", f"{self.errors} errors", f"{self.skipped_by_rule} skipped by rule"]
+        rest = self.inputs - self.written - self.errors - self.skipped_by_rule
+        if self.already_stored is not None:
+            if self.already_stored:
+                parts.append(f"{self.already_stored} already stored")
+            if self.left_by_limit:
+                parts.append(f"{self.left_by_limit} left by the limit")
+        elif rest:
+            parts.append(f"{rest} already stored or left by the limit")
+        return f"\ndecompose: inputs {self.inputs} = " + " + ".join(parts)
+
+
 _STAGES = {"decode": "decoding", "model": "model actors"}
-
-
-def _manifest(cfg: DecomposeConfig, lm, teacher, components, d: int, source_kind: str) -> dict:
-    from ..version import __version__
-
-    def weights(m, pretrained, checkpoint):
-        out = {"pretrained": pretrained or None, "checkpoint": os.path.basename(checkpoint) if checkpoint else None,
-               "checkpoint_sha256": m.checkpoint_sha256 if checkpoint else None}
-        if not (pretrained or checkpoint):
-            out["seed"] = cfg.seed             # random init: the weights are those of this seed
-        return out
-
-    return {
-        "format": cfg.format,
-        "model": {"name": lm.name, "readout": asdict(lm.readout), **weights(lm, cfg.pretrained, cfg.checkpoint)},
-        "teacher": None if teacher is None else {"name": teacher.name, "dim": teacher.readout.dim,
-                                                 **weights(teacher, cfg.teacher_pretrained, cfg.teacher_checkpoint)},
-        "preprocess": lm.preprocess,
-        "teacher_preprocess": teacher.preprocess if teacher else None,
-        "options": {"blocks": parse_blocks(cfg.blocks), "heads": cfg.heads, "convention": cfg.convention,
-                    "normalize": cfg.normalize, "readout_only": cfg.readout_only},
-        "components": [] if cfg.readout_only else components_to_json(components),
-        "d": d,
-        "dtype": cfg.dtype,
-        "passthrough": None,
-        "source": {"kind": source_kind},
-        "package": {"vitdecomp": __version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+# a decode task whose worker process dies (e.g. a decoder crash) is retried this often, then the job
+# fails with the error; Ray Data's default (-1) would retry it forever
+DECODE_MAX_RETRIES = 3
 
 
 def run_decompose(cfg: DecomposeConfig) -> Summary:
@@ -96,11 +93,7 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
 
     from ..config import OptionError
     from ..engine import components_for
-    from ..models import check_name, extension_modules, load_model
-    from .decode import decode_block
-    from .decomposer import DecomposeWorker
-    from .sources import open_source
-    from .write import write_block
+    from ..models import check_name, load_model, verify_checkpoint
 
     cfg.check_required()
     t0 = time.time()
@@ -114,24 +107,145 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
     lm = load_model(cfg.model, pretrained=cfg.pretrained or False, checkpoint=cfg.checkpoint, load_weights=False)
     teacher = (load_model(cfg.teacher, pretrained=cfg.teacher_pretrained or False,
                           checkpoint=cfg.teacher_checkpoint, load_weights=False) if cfg.teacher else None)
+    for model, path in ((lm, cfg.checkpoint), (teacher, cfg.teacher_checkpoint)):
+        if path:
+            verify_checkpoint(model, path)        # readable without unpickling, and fits the architecture
     components = components_for(lm, blocks=blocks, heads=cfg.heads)
     s3 = cfg.s3()
     store = Store(cfg.output, s3)
     store.check_writable()
+    started_here = not ray.is_initialized() and not cfg.ray_address and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
-    skip = store.done_ids() if store.exists() else set()
+    _check_resources(cfg, ray.cluster_resources(), fixed=started_here)
+    # 2. one writer at a time: the store's lease (a second concurrent run is refused here, writing nothing)
+    existed = store.exists()
+    lease = Lease(store.lance_uri(LEASE[:-len(".lance")]), store.storage_options)
+    lease.start(f"vitdecomp decompose --input {cfg.input}")
+    try:
+        plan = cpu_plan(ray.cluster_resources().get("CPU", 0.0), cfg.concurrency, tight=started_here)
+        return _decompose_locked(cfg, store, s3, lm, teacher, components, blocks, t0, lease, existed, plan)
+    except BaseException as e:
+        lease.release()
+        if not existed:
+            _discard_if_empty(store)          # a run that failed before its first commit leaves nothing behind
+        cause = _permanent_io_error(e)
+        if cause is not None:                 # a full disk, a read-only or forbidden output: one line, no traceback
+            raise StoreError(f"writing {store.uri} failed: {type(cause).__name__}: {str(cause).splitlines()[0][:240]}"
+                             " — free space or make the output writable, then rerun: the run resumes where it "
+                             "stopped") from None
+        raise
+    finally:
+        lease.release()
+
+
+def cpu_plan(cpus: float, concurrency: int, tight: bool = True) -> dict:
+    """CPUs each stage reserves: a read task, a decode task, a model actor, a write task. With room for
+    the actors and a CPU to spare (or on a cluster, which may scale), the defaults: read (Ray's own),
+    decode 0.5, actor 1, write 0.25. On a smaller local instance (e.g. ``num_cpus=1``) the stages share:
+    the actors take half of the CPUs between them and reading, decoding and writing share the other
+    half, so no stage waits for a CPU another stage holds for good (which would hang the job)."""
+    if not tight or cpus >= concurrency + 1:
+        return {"read": None, "decode": 0.5, "actor": 1.0, "write": 0.25}
+    rest = cpus / 2
+    return {"read": rest / 4, "decode": rest / 2, "actor": cpus / 2 / concurrency, "write": rest / 4}
+
+
+def _permanent_io_error(e: BaseException) -> "Optional[BaseException]":
+    """The OS-level error under ``e`` (Ray wraps task errors) when it cannot go away by itself."""
+    from ..io import transient
+
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and not isinstance(x, FileNotFoundError) and not transient(x):
+            text = str(x).lower()
+            if isinstance(x, PermissionError) or getattr(x, "errno", None) or any(
+                    t in text for t in ("no space left", "read-only", "permission denied", "access denied",
+                                        "os error 28", "os error 30", "os error 13")):
+                return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _check_resources(cfg: DecomposeConfig, offered: dict, fixed: bool) -> None:
+    """Custom resources no node offers: an error on a local Ray this job started (it can never get
+    them), a warning on a cluster (an autoscaler may add a node that offers them)."""
+    from ..config import OptionError
+
+    custom = {k: v for k, v in offered.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+              and not k.startswith("node:") and not k.startswith("accelerator_type:")}
+    for name, res in (("worker_resources", cfg.worker_resources), ("decode_resources", cfg.decode_resources)):
+        short = {k: v for k, v in (res or {}).items() if offered.get(k, 0) < v}
+        if not short:
+            continue
+        if fixed:
+            raise OptionError(name, f"no node of the local Ray instance offers {short}; it offers "
+                                    f"{custom or 'no custom resources'} (CPU {offered.get('CPU', 0):g}, "
+                                    f"GPU {offered.get('GPU', 0):g}): drop the option, or submit to a cluster "
+                                    "whose nodes declare these resources")
+        log.warning("%s: no node of the cluster offers %s now (it offers %s); the job waits until one does "
+                    "(e.g. an autoscaled worker group)", name, short, custom or "no custom resources")
+
+
+def _discard_if_empty(store: Store) -> None:
+    """Remove what a failed run wrote into an output that held no store before, if no row and no error
+    row was committed (only the manifest, empty tables and the released lease), so that a corrected
+    rerun starts afresh. Only the store's own entries are removed; other files are left alone."""
+    import pyarrow.fs as pafs
+
+    from ..store.manifest import MANIFEST
+
+    own = {MANIFEST, "contributions.lance", "errors.lance", "contributions", "errors", "_commits", "_schema.json",
+           LEASE}
+    try:
+        if store.exists() and (store.count() or store.read(columns=["image_id"], table="errors").num_rows):
+            return
+        for info in store.fs.get_file_info(pafs.FileSelector(store.path, allow_not_found=True)):
+            name = info.path.rsplit("/", 1)[-1]
+            if name in own or name.startswith(f".{MANIFEST}."):
+                (store.fs.delete_dir if info.type == pafs.FileType.Directory else store.fs.delete_file)(info.path)
+        if not store.fs.get_file_info(pafs.FileSelector(store.path, allow_not_found=True)):
+            store.fs.delete_dir(store.path)
+        log.info("removed the empty store %s left by the failed run", store.uri)
+    except (OSError, StoreError) as e:
+        log.warning("could not remove the empty store %s: %s", store.uri, e)
+
+
+def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, components, blocks, t0: float,
+                      lease, existed: bool, plan: dict) -> Summary:
+    """The decompose job while holding the store's lease."""
+    import ray
+
+    from ..config import OptionError
+    from ..models import extension_modules
+    from ..store.maintenance import remove_orphans
+    from .decode import decode_block
+    from .decomposer import DecomposeWorker
+    from .sources import open_source
+    from .write import write_block
+
+    if existed:
+        orphans = remove_orphans(store)       # files of cut-off commits (no other writer: we hold the lease)
+        if orphans:
+            log.info("removed %d orphan files left by an earlier run that was cut off", len(orphans))
+    skip = store.done_ids() if existed else set()
     src = open_source(cfg.input, cfg.source, s3=s3, label_from_folder=cfg.label_from_folder, id_column=cfg.id_column,
                       uri_column=cfg.uri_column, bytes_column=cfg.bytes_column, columns=cfg.columns,
-                      skip_ids=skip, limit=cfg.limit)
-    d = lm.readout.dim
-    schema = contributions_schema([] if cfg.readout_only else components, d, cfg.dtype, src.passthrough,
-                                  teacher.readout.dim if teacher else None)
-    manifest = _manifest(cfg, lm, teacher, components, d, src.kind)
-    manifest["passthrough"] = [f"{f.name}:{f.type}" for f in src.passthrough]
-    store.create(manifest, schema)            # refuses a store whose manifest differs
-    summary = Summary(store=cfg.output, skipped=len(skip))
+                      skip_ids=skip, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids, read_cpus=plan["read"])
+    manifest = Manifest.build(lm, components, cfg, format=cfg.format, teacher=teacher, passthrough=src.passthrough,
+                              source_kind=src.kind, seed=cfg.seed, readout_only=cfg.readout_only,
+                              pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                              teacher_pretrained=cfg.teacher_pretrained, teacher_checkpoint=cfg.teacher_checkpoint)
+    schema = manifest.schema()
+    store.initialize(manifest, schema)        # refuses a store whose manifest differs
+    summary = Summary(store=cfg.output, skipped=len(skip), inputs=src.notes.get("inputs"),
+                      skipped_by_rule=src.notes.get("skipped_by_rule", 0),
+                      already_stored=src.notes.get("already_stored"), left_by_limit=src.notes.get("left_by_limit", 0))
     if src.dataset is None:
         log.info("nothing to do: all %d inputs are already stored", src.notes.get("listed", 0))
         return _finish(summary, store, t0)
@@ -146,23 +260,25 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
             "components": [c.name for c in components], "readout_only": cfg.readout_only,
             "schema": schema.serialize().to_pybytes(), "seed": cfg.seed, "extensions": list(extension_modules())}
     s3d = {"endpoint": s3.endpoint, "region": s3.region}
-    for flag, res in (("worker_resources", cfg.worker_resources), ("decode_resources", cfg.decode_resources)):
-        missing = sorted(set(res or {}) - set(ray.cluster_resources()))
-        if missing:
-            log.warning("%s: no node of the cluster offers %s now; the job waits until one does "
-                        "(e.g. an autoscaled worker group)", flag, missing)
     decode_kw = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
     worker_kw = {"resources": cfg.worker_resources} if cfg.worker_resources else {}
     # decoding runs in CPU tasks of its own (its resources differ from the actors', so Ray Data does
     # not fuse it into the model actors, which would serialise decoding behind the model)
-    ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=0.5,
-                                 fn_args=(lm.transform, teacher.transform if teacher else None, s3d), **decode_kw)
+    # (max_retries has no named parameter in Ray 2.60; its ray_remote_args deprecation warning is expected)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`ray_remote_args` is deprecated")
+        ds = src.dataset.map_batches(decode_block, batch_format="pyarrow", batch_size=cfg.batch_size,
+                                     num_cpus=plan["decode"],
+                                     fn_args=(lm.transform, teacher.transform if teacher else None, s3d),
+                                     fn_kwargs={"max_pixels": cfg.max_pixels,
+                                                "alpha_background": cfg.alpha_background},
+                                     max_retries=DECODE_MAX_RETRIES, **decode_kw)
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_constructor_args=(spec,), compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1, **worker_kw)
+                        num_gpus=1 if use_gpu else 0, num_cpus=plan["actor"], **worker_kw)
     # writers are I/O-bound and must never starve behind decoding and the model (else nothing is
     # committed until the end and results pile up in the object store)
-    ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+    ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None, num_cpus=plan["write"],
                         fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d))
 
     pending: list[dict] = []
@@ -178,6 +294,7 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
             now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
             err_tbl = pa.Table.from_pylist(pending_errors).append_column(
                 "time", pa.array([now.value] * len(pending_errors), pa.timestamp("ms", tz="UTC")))
+        lease.check()                         # never commit after another run took the store over
         store.commit(pending, err_tbl)
         summary.written += sum(p["rows"] for p in pending)
         summary.errors += len(pending_errors)
@@ -223,6 +340,7 @@ def _finish(summary: Summary, store: Store, t0: float) -> Summary:
     summary.total_rows = store.count()
     ids = store.read(columns=["image_id"]).column("image_id")
     if len(pc.unique(ids)) != len(ids):
-        raise StoreError(f"{store.uri}: duplicate image_id rows after the run — please report this")
+        raise StoreError(f"{store.uri}: some image ids are stored more than once; run `vitdecomp store check "
+                         f"{store.uri}` to see them and `vitdecomp store repair {store.uri} --apply` to keep one copy")
     summary.bytes_per_image = store.nbytes() / summary.total_rows if summary.total_rows else 0.0
     return summary

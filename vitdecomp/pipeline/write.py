@@ -6,14 +6,12 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..io import S3Settings, retry
+from ..io import S3Settings
 from ..store import Store
 
 
 def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: dict) -> pa.Table:
     """Write the valid rows of one block (retried from the materialised table), report error rows."""
-    import uuid
-
     schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
     is_err = pc.is_valid(t.column("_error"))
     good = t.filter(pc.invert(is_err)).drop_columns(["_error"])
@@ -22,23 +20,11 @@ def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: 
     if good.num_rows:
         good = good.select(schema.names).cast(schema)
         store = Store(store_uri, S3Settings(**s3))
-        if fmt == "lance":
-            from lance_ray.fragment import write_fragment
-
-            frags = retry(lambda: write_fragment([good], store.lance_uri("contributions"), schema=schema,
-                                                 storage_options=store.storage_options), "write Lance fragment")
-            for frag, _ in frags:
-                rows["kind"].append("fragment")
-                rows["payload"].append(json.dumps({"fragment": frag.to_json()}))
-                rows["rows"].append(frag.num_rows)
-        else:
-            import pyarrow.parquet as pq
-
-            name = f"contributions/{uuid.uuid4().hex}.parquet"
-            retry(lambda: pq.write_table(good, store._p(name), filesystem=store.fs), "write Parquet file")
-            rows["kind"].append("file")
-            rows["payload"].append(json.dumps({"file": name, "rows": good.num_rows}))
-            rows["rows"].append(good.num_rows)
+        # the same uncommitted-file writer as Store.append; the driver commits the records
+        for rec in store.write_uncommitted(good, format=fmt):
+            rows["kind"].append("fragment" if fmt == "lance" else "file")
+            rows["payload"].append(json.dumps(rec))
+            rows["rows"].append(rec["rows"])
     for i, u, e in zip(bad.column("image_id").to_pylist(), bad.column("uri").to_pylist(),
                        bad.column("_error").to_pylist()):
         rows["kind"].append("error")

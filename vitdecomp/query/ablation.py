@@ -157,7 +157,8 @@ def ablation_curves(st, head: LinearHead, label_column: str, *, ids=None, mean_i
     return pa.Table.from_pylist(rows), rows, int((ev["labels"] >= 0).sum())
 
 
-def plot_curves(rows: list[dict], path: str, title: str) -> str:
+def plot_curves(rows: list[dict], title: str):
+    """The ablation curves as a matplotlib figure (cumulative | per layer); the job saves it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,9 +181,7 @@ def plot_curves(rows: list[dict], path: str, title: str) -> str:
     axes[1].set_title("per layer")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ------------------------------------------------------------------------------------ mitigation
@@ -208,7 +207,8 @@ def signed_push(st, names, head: LinearHead, ids, label_column: str, group_colum
     return total / max(n, 1)
 
 
-def plot_mitigation(results: dict, path: str, title: str) -> str:
+def plot_mitigation(results: dict, title: str):
+    """Per-group accuracy before/after (and random) as a matplotlib figure; the job saves it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,9 +230,7 @@ def plot_mitigation(results: dict, path: str, title: str) -> str:
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def mitigate(st, head: LinearHead, label_column: str, group_column: str, *, fit_ids, eval_ids, k: int = 10,

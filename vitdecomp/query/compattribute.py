@@ -11,11 +11,12 @@ their embeddings from a reduced QR in the given order. For component ``k`` and d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import InputError
+from ..fit.arrays import ContributionSource, in_memory, is_store, to_numpy
 from ..fit.compalign import aligned_batches
 
 DEFAULT_PROPERTIES = {
@@ -38,9 +39,9 @@ WATERBIRDS = {
 }
 
 
-def named_properties(path: Optional[str]) -> dict[str, list[str]]:
+def named_properties(path: Optional[str], s3=None) -> dict[str, list[str]]:
     """Every property known by name: the defaults, SPEC §6's Waterbirds lists and the user's file."""
-    props = read_properties(path)
+    props = read_properties(path, s3)
     return {**props, **{k: v for k, v in WATERBIRDS.items() if k not in props}}
 
 
@@ -93,43 +94,93 @@ def scores(sums: Sums, sizes: Sequence[int]) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def read_properties(path: Optional[str]) -> dict[str, list[str]]:
-    """A YAML/JSON mapping ``name: [descriptions…]`` (added to/overriding the defaults), or the defaults."""
+def read_properties(path: Optional[str], s3=None) -> dict[str, list[str]]:
+    """A YAML/JSON mapping ``name: [descriptions…]`` (added to/overriding the defaults), or the defaults.
+    ``path`` is a local file or ``s3://`` (read with the job's S3 settings ``s3``)."""
     props = dict(DEFAULT_PROPERTIES)
     if path is None:
         return props
     import yaml
 
-    with open(path) as f:
-        user = yaml.safe_load(f) or {}
+    from ..io import read_bytes
+
+    user = yaml.safe_load(read_bytes(path, s3).decode("utf-8")) or {}
     if not isinstance(user, dict) or not all(isinstance(v, list) and v for v in user.values()):
         raise InputError(f"{path}: properties must map a name to a non-empty list of descriptions")
     props.update({str(k): [str(t) for t in v] for k, v in user.items()})
     return props
 
 
-def compattribute(store, clip, properties: dict[str, list[str]], *, components: Optional[Sequence[str]] = None,
-                  aligner=None, distributed: bool = True, cache_dir: Optional[str] = None, batch_size: int = 1024,
-                  ids: Optional[Sequence[str]] = None):
+def compattribute(store: ContributionSource, clip=None,
+                  properties: Optional[Mapping[str, Union[Sequence[str], np.ndarray]]] = None, *,
+                  components: Optional[Sequence[str]] = None, aligner=None, distributed: bool = True,
+                  cache_dir: Optional[str] = None, batch_size: int = 1024, ids: Optional[Sequence[str]] = None,
+                  names: Optional[Sequence[str]] = None):
     """Score every component against every property in one pass; returns (table, [K, P] scores, names).
-    ``ids`` restricts the pass to those rows (e.g. a validation split; computed in this process)."""
+
+    Args:
+        store: the contributions: a :class:`vitdecomp.store.Store`, an array ``[n, K, d]`` (numpy or
+            torch) with ``names=`` (its ``K`` component names, in order), or a
+            :class:`vitdecomp.engine.Decomposition`.
+        clip: the open_clip model (:class:`vitdecomp.models.LoadedModel`) whose text tower encodes
+            properties given as descriptions; not needed when every property is given as embeddings.
+        properties: ``{name: [descriptions…]}`` or ``{name: embeddings [p, d]}`` (the QR order is the
+            given order); default: :data:`DEFAULT_PROPERTIES`.
+        components: the components to score (default: all, or the aligner's); ``s_a`` is the total of these.
+        aligner: a CompAlign aligner mapping the contributions into its teacher's CLIP space first.
+        distributed: a store's sums with Ray Data (without an aligner or ``ids``); else in this process.
+        ids: a store's rows to use (e.g. a validation split).
+
+    The table has one row per (component, property): component, property, score.
+    """
     import pyarrow as pa
 
-    from ..fit.text import encode_texts
-
+    properties = DEFAULT_PROPERTIES if properties is None else properties
     if not properties:
         raise InputError("no properties to score")
-    names = list(components) if components is not None else (aligner.names if aligner is not None else store.names)
-    bases = {p: basis(encode_texts(clip, d, cache_dir=cache_dir)) for p, d in properties.items()}
+    from_store = is_store(store)
+    if from_store:
+        if names is not None:
+            raise InputError("names= labels an array's components; to choose a store's components pass components=")
+        all_names = list(aligner.names if aligner is not None else store.names)
+        x = None
+    else:
+        if ids is not None:
+            raise InputError("ids= selects a store's rows; index the array of contributions instead")
+        x, all_names = in_memory(store, names, what="CompAttribute")
+        if aligner is not None:
+            missing = [n for n in all_names if n not in aligner.names]
+            if missing:
+                raise InputError(f"the aligner has no map for {missing[:3]} (it maps {len(aligner.names)} "
+                                 f"components, e.g. {aligner.names[:3]})")
+            x = aligner.subset(all_names).apply(x).astype(np.float64)
+    if components is not None:
+        from ..engine.names import select
+
+        idx = select(all_names, list(components))
+        names = [all_names[i] for i in idx]
+        if x is not None:
+            x = x[:, idx]
+    else:
+        names = all_names
+    bases = {str(p): basis(_property_embeddings(p, d, clip, cache_dir)) for p, d in properties.items()}
     dirs = np.concatenate(list(bases.values()))
     sizes = [len(b) for b in bases.values()]
-    if dirs.shape[1] != (aligner.maps.shape[1] if aligner is not None else store.manifest["d"]):
-        raise InputError("the property texts live in another space than the contributions: use the store's CLIP "
-                         "(or its aligner's teacher) as the text model")
-    if distributed and aligner is None and ids is None:
+    d_contrib = x.shape[2] if x is not None else (aligner.maps.shape[1] if aligner is not None else store.manifest["d"])
+    if dirs.shape[1] != d_contrib:
+        raise InputError(f"the property embeddings have d={dirs.shape[1]} but the contributions d={d_contrib}: they "
+                         "live in another space — use the contributions' CLIP (or its aligner's teacher) as the "
+                         "text model")
+    sums = None
+    if x is not None:
+        for s0 in range(0, x.shape[0], batch_size):
+            s = Sums.of(x[s0:s0 + batch_size], dirs)
+            sums = s if sums is None else sums + s
+        if sums is None:
+            raise InputError("CompAttribute: the array of contributions holds no images")
+    elif distributed and aligner is None and ids is None:
         sums = _distributed_sums(store, names, dirs, batch_size)
     else:
-        sums = None
         for b in aligned_batches(store, aligner, components=names, batch_size=batch_size, dtype=np.float64,
                                     ids=ids):
             s = Sums.of(b.contributions, dirs)
@@ -140,6 +191,32 @@ def compattribute(store, clip, properties: dict[str, list[str]], *, components: 
     rows = [{"component": n, "property": p, "score": float(sc[k, j])}
             for k, n in enumerate(names) for j, p in enumerate(bases)]
     return pa.Table.from_pylist(rows), sc, names
+
+
+def _property_embeddings(name, value, clip, cache_dir: Optional[str]) -> np.ndarray:
+    """A property's description embeddings ``[p, d]``: given, or its descriptions encoded by ``clip``."""
+    if isinstance(value, str):
+        raise InputError(f"property {name!r}: expected a list of descriptions or embeddings [p, d], got the "
+                         f"string {value!r} (wrap it in a list)")
+    if not hasattr(value, "shape") and len(value) and not isinstance(value[0], str):
+        value = np.asarray(value, dtype=np.float64)                # nested lists of numbers: embeddings
+    if hasattr(value, "shape"):                                    # numpy array or torch tensor
+        e = to_numpy(value)
+        e = e[None] if e.ndim == 1 else e
+        if e.ndim != 2 or e.shape[0] == 0:
+            raise InputError(f"property {name!r}: embeddings must be [p, d] with p ≥ 1; got shape {tuple(e.shape)}")
+        if not np.isfinite(e).all():
+            raise InputError(f"property {name!r}: the embeddings hold NaN or infinite values")
+        return e
+    texts = [str(t) for t in value]
+    if not texts:
+        raise InputError(f"property {name!r} has no descriptions")
+    if clip is None:
+        raise InputError(f"property {name!r} is given as descriptions {texts[:3]}: pass the text model (clip=) "
+                         "or the descriptions' embeddings [p, d]")
+    from ..fit.text import encode_texts
+
+    return encode_texts(clip, texts, cache_dir=cache_dir)
 
 
 def _distributed_sums(store, names, dirs, batch_size) -> Sums:
@@ -166,7 +243,9 @@ def _distributed_sums(store, names, dirs, batch_size) -> Sums:
     return total
 
 
-def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], path: str, title: str = "CompAttribute") -> str:
+def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], title: str = "CompAttribute"):
+    """The ``[K, P]`` scores as a matplotlib figure (components × properties); the job saves it
+    through its output directory (:meth:`vitdecomp.io.OutputDir.savefig`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +259,4 @@ def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], path: st
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="mean Pearson correlation")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

@@ -3,7 +3,6 @@ masks) segmentation metrics. The maths is in :mod:`vitdecomp.query.heatmaps`."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from typing import Optional, Union
@@ -13,6 +12,7 @@ import torch
 
 from ..config import HeatmapConfig, OptionError, parse_blocks
 from ..errors import InputError
+from ..io import OutputDir, open_output
 from .heatmaps import (METRICS, THRESHOLD_RULE, _aligner_map, _classifier, _safe, class_direction, compute_heatmaps,
                        expand_components, find_mask_file, grid_png, mask_to_input, overlay_png, predicted_classes,
                        read_image, rebuild_model, segmentation_metrics, summarise, to_display, upsample)
@@ -41,8 +41,11 @@ def _select_ids(cfg: HeatmapConfig, st) -> list[str]:
     if cfg.retrieval:
         import pyarrow.parquet as pq
 
+        from ..io import resolve
+
         try:
-            t = pq.read_table(cfg.retrieval)
+            fs, path = resolve(cfg.retrieval, cfg.s3())
+            t = pq.read_table(path, filesystem=fs)
         except (OSError, ValueError) as e:
             raise OptionError("retrieval", f"{cfg.retrieval!r}: {e}") from None
         if "image_id" not in t.column_names:
@@ -128,7 +131,6 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
     """``vitdecomp query heatmap``: token heatmaps of chosen images and components, overlays and
     (with masks) segmentation metrics. Returns the tables, the maps and the output paths."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from ..fit.compalign import Aligner, check_compatible
     from ..store import arrow_to_vectors, open_store
@@ -156,7 +158,7 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = rebuild_model(m, cfg.checkpoint, device)
     groups = expand_components(lm, list(cfg.components), blocks)        # unknown names fail before any work
-    aligner = Aligner.load(cfg.aligner) if cfg.aligner else None
+    aligner = Aligner.load(cfg.aligner, s3) if cfg.aligner else None
     if aligner is not None:
         check_compatible(aligner, st)
         for name, hs in groups.items():
@@ -178,7 +180,8 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
     directions, classes, targets = _directions(cfg, st, lm, aligner, np.stack([stored[i] for i in ids]))
     target = targets[0] if len(set(targets)) == 1 else "each image's predicted class"
 
-    os.makedirs(os.path.join(cfg.out, "heatmaps"), exist_ok=True)
+    out = open_output(cfg.out, s3)
+    out.makedirs("heatmaps")
     # fp16 storage, or TF32 convolutions on a GPU, move the readout by ~1e-3; a different model or image by O(1)
     tol = 2e-2 if m.get("dtype") == "fp16" or str(device).startswith("cuda") else 1e-3
     maps, ups, disp, pngs, masks = [], [], [], [], None if mask_imgs is None else []
@@ -218,11 +221,12 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
         if met is not None:
             seg_rows.append({"image_id": r["image_id"], **met})
         title = f"{r['image_id']} — {targets[i]}" + (f" — mIoU {met['miou']:.2f} AP {met['ap']:.2f}" if met else "")
-        p = os.path.join(cfg.out, "heatmaps", f"{i:04d}_{_safe(r['image_id'])}.png")
-        pngs.append(overlay_png(disp[i], ups[i], p, title, mask=mk))
-    grid_path = grid_png(disp[:32], ups[:32], [r["image_id"] for r in rows[:32]],
-                         os.path.join(cfg.out, "heatmap_grid.png"),
-                         f"{m['model']['name']}: {' + '.join(cfg.components)} on {target}")
+        rel = f"heatmaps/{i:04d}_{_safe(r['image_id'])}.png"
+        out.write_bytes(rel, overlay_png(disp[i], ups[i], title, mask=mk))
+        pngs.append(rel)
+    grid_path = out.write_bytes("heatmap_grid.png", grid_png(
+        disp[:32], ups[:32], [r["image_id"] for r in rows[:32]],
+        f"{m['model']['name']}: {' + '.join(cfg.components)} on {target}"))
     gh, gw = maps[0].shape
     peaks = [divmod(int(np.argmax(mp)), gw) for mp in maps]
     comp_set = list(cfg.components)
@@ -234,12 +238,12 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
         "grid_h": [gh] * len(rows), "grid_w": [gw] * len(rows),
         "heatmap": pa.array([mp.ravel().tolist() for mp in maps], pa.list_(pa.float64())),
         "peak_row": [p[0] for p in peaks], "peak_col": [p[1] for p in peaks],
-        "png": [os.path.relpath(p, cfg.out) for p in pngs],
+        "png": pngs,
     }
     for k in METRICS:
         out_cols[k] = pa.array([sr[k] for sr in seg_rows] if masks is not None else [None] * len(rows), pa.float64())
     heat_table = pa.table(out_cols)
-    pq.write_table(heat_table, os.path.join(cfg.out, "heatmaps.parquet"))
+    out.write_parquet("heatmaps.parquet", heat_table)
     seg_table, summary = None, None
     if masks is not None:
         summary = summarise(seg_rows)
@@ -254,18 +258,18 @@ def run_heatmap(cfg: HeatmapConfig) -> dict:
         seg_table = pa.Table.from_pylist(recs, schema=pa.schema(
             [("kind", pa.string()), ("image_id", pa.string())] + [(k, pa.float64()) for k in METRICS] +
             [("threshold", pa.float64()), ("foreground_fraction", pa.float64())]))
-        pq.write_table(seg_table, os.path.join(cfg.out, "segmentation.parquet"))
+        out.write_parquet("segmentation.parquet", seg_table)
     meta = {"store": st.uri, "model": m["model"]["name"], "components": comp_set,
             "heads": {k: v for k, v in groups.items()}, "target": target, "aligner": cfg.aligner,
             "images": len(rows), "grid": [gh, gw], "threshold_rule": THRESHOLD_RULE, "segmentation": summary}
-    with open(os.path.join(cfg.out, "heatmap.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    _write_report_section(cfg.out, meta, grid_path, masks is not None)
+    out.write_json("heatmap.json", meta)
+    _write_report_section(out, meta, "heatmap_grid.png", masks is not None)
     return {"table": heat_table, "segmentation": seg_table, "summary": summary, "maps": np.stack(maps),
-            "upsampled": np.stack(ups), "ids": ids, "pngs": pngs, "grid": grid_path, "target": target}
+            "upsampled": np.stack(ups), "ids": ids, "pngs": [out.uri(p) for p in pngs], "grid": grid_path,
+            "target": target}
 
 
-def _write_report_section(out: str, meta: dict, grid_path: str, has_masks: bool) -> None:
+def _write_report_section(out: OutputDir, meta: dict, grid_rel: str, has_masks: bool) -> None:
     """The run's section of ``out/report.html``."""
     title = "Token heatmaps" + (" and zero-shot segmentation" if has_masks else "")
     summary = (f"{' + '.join(meta['components'])} of {meta['model']} projected on {meta['target']}, "
@@ -280,7 +284,7 @@ def _write_report_section(out: str, meta: dict, grid_path: str, has_masks: bool)
                       "threshold": THRESHOLD_RULE})
         tables.append({"path": "segmentation.parquet", "caption": "per-image segmentation metrics, mean and pooled",
                        "max_rows": 40})
-    images = [{"path": os.path.relpath(grid_path, out), "caption": "image | heatmap overlay"}]
+    images = [{"path": grid_rel, "caption": "image | heatmap overlay"}]
     from .report import write_report, write_section
 
     write_section(out, "heatmap", title, order=60, summary=summary, facts=facts, images=images, tables=tables)

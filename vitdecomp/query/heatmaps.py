@@ -25,7 +25,6 @@ image without foreground (or background) pixels and is left out of means.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 
 from ..engine import names as N
 from ..errors import InputError
+from ..io import figure_bytes
+from ..io import read_image  # noqa: F401  (re-exported: source images are read through the I/O layer)
 from ..models import rebuild_model  # noqa: F401  (re-exported: the store's model, checked)
 
 log = logging.getLogger(__name__)
@@ -272,9 +273,10 @@ def _overlay_axes(ax, image: np.ndarray, heat: np.ndarray, alpha: float, cmap: s
     ax.set_axis_off()
 
 
-def overlay_png(image: np.ndarray, heat: np.ndarray, path: str, title: str = "", mask: Optional[np.ndarray] = None,
-                alpha: float = 0.5, cmap: str = "jet") -> str:
-    """Side by side: the image (as the model saw it) | the normalised heatmap over it [| the mask]."""
+def overlay_png(image: np.ndarray, heat: np.ndarray, title: str = "", mask: Optional[np.ndarray] = None,
+                alpha: float = 0.5, cmap: str = "jet") -> bytes:
+    """PNG bytes, side by side: the image (as the model saw it) | the normalised heatmap over it [| the
+    mask]. The job writes them through its output directory (:class:`vitdecomp.io.OutputDir`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,14 +294,12 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, path: str, title: str = "",
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return figure_bytes(fig, dpi=100)
 
 
-def grid_png(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str], path: str,
-             title: str = "", cols: int = 4, alpha: float = 0.5, cmap: str = "jet") -> str:
-    """One figure for the run: image | overlay pairs, ``cols`` pairs per row."""
+def grid_png(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str],
+             title: str = "", cols: int = 4, alpha: float = 0.5, cmap: str = "jet") -> bytes:
+    """PNG bytes of one figure for the run: image | overlay pairs, ``cols`` pairs per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,36 +319,10 @@ def grid_png(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return figure_bytes(fig, dpi=100)
 
 
 # ------------------------------------------------------------------------------- job pieces
-def read_image(uri: str, s3=None):
-    """A source image as RGB PIL (local path, s3://, or a WebDataset member ``shard.tar#key``)."""
-    import tarfile
-
-    from PIL import Image
-
-    from ..io import resolve
-
-    path, _, key = uri.partition("#")
-    fs, p = resolve(path, s3)
-    with fs.open_input_file(p) as f:
-        data = f.read()
-    if key:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            member = next((m for m in tar.getmembers() if m.isfile() and m.name.rsplit(".", 1)[0] == key and
-                           m.name.rsplit(".", 1)[-1].lower() in ("jpg", "jpeg", "png", "webp", "bmp", "gif")), None)
-            if member is None:
-                raise FileNotFoundError(f"{uri}: no image member {key!r} in the shard")
-            data = tar.extractfile(member).read()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
-
-
 def to_display(x: torch.Tensor, preprocess: dict) -> np.ndarray:
     """Preprocessed ``[3, H, W]`` → ``[H, W, 3]`` in [0, 1] (undo the normalisation)."""
     mean = torch.tensor(preprocess.get("mean", (0.0, 0.0, 0.0)), dtype=x.dtype)[:, None, None]
@@ -370,9 +344,13 @@ def mask_to_input(mask_img, lm) -> np.ndarray:
 def find_mask_file(masks_dir: str, image_id: str) -> Optional[str]:
     """``DIR/<image_id>.png``, else ``DIR/<image_id>`` (ids that are file names), else the id with its
     extension replaced by ``.png``."""
+    root = os.path.realpath(masks_dir)
     cands = [image_id + ".png", image_id, os.path.splitext(image_id)[0] + ".png"]
     for c in cands:
-        p = os.path.join(masks_dir, c)
+        p = os.path.realpath(os.path.join(root, c))
+        if os.path.commonpath([root, p]) != root:
+            raise InputError(f"image id {image_id!r} points outside the masks directory {masks_dir!r} (an absolute "
+                             "path or '..'): masks are only read from inside it")
         if os.path.isfile(p):
             return p
     return None

@@ -5,15 +5,14 @@ pass), ``retrieve`` (by probe text or probe images), ``ablate``, ``mitigate`` an
 rebuilds ``cfg.out/report.html`` and returns what it computed."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import asdict
 
 import numpy as np
 
 from ..config import (AblateConfig, CompAttributeConfig, HeadOptions, MitigateConfig, OptionError, ReportConfig,
                       RetrieveConfig)
+from ..io import OutputDir, open_output
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +24,22 @@ def _open(cfg):
 
     cfg.check_required()
     st = open_store(cfg.store, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
-    aligner = Aligner.load(cfg.aligner) if cfg.aligner else None
+    aligner = Aligner.load(cfg.aligner, cfg.s3()) if cfg.aligner else None
     if aligner is not None:
         check_compatible(aligner, st)
     return st, aligner
 
 
+def _output(cfg) -> OutputDir:
+    """The job's output directory (local or ``s3://``, through the job's S3 settings), created."""
+    out = open_output(cfg.out, cfg.s3())
+    out.makedirs()
+    return out
+
+
 # ----------------------------------------------------------------------------- compattribute
 def run_compattribute(cfg: CompAttributeConfig) -> dict:
     """CompAttribute of every component (or ``cfg.components``) for every property."""
-    import pyarrow.parquet as pq
-
     from ..engine.names import select
     from ..fit.text import resolve_text_model
     from .compattribute import compattribute, heatmap, read_properties
@@ -43,19 +47,19 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
 
     st, aligner = _open(cfg)
     clip = resolve_text_model(st, aligner, cfg, what="CompAttribute")
-    props = read_properties(cfg.properties)
+    props = read_properties(cfg.properties, cfg.s3())
     if cfg.components:
         select(aligner.names if aligner else st.names, cfg.components)        # unknown names: close matches
     table, sc, names = compattribute(st, clip, props, components=cfg.components, aligner=aligner,
                                      distributed=cfg.distributed, cache_dir=cfg.text_cache)
-    os.makedirs(cfg.out, exist_ok=True)
-    pq.write_table(table, os.path.join(cfg.out, "compattribute.parquet"))
-    png = heatmap(sc, names, list(props), os.path.join(cfg.out, "compattribute.png"),
-                  f"CompAttribute — {st.manifest['model']['name']}")
+    out = _output(cfg)
+    out.write_parquet("compattribute.parquet", table)
+    png = out.savefig("compattribute.png", heatmap(sc, names, list(props),
+                                                   f"CompAttribute — {st.manifest['model']['name']}"), dpi=120)
     top = {p: names[int(sc[:, j].argmax())] for j, p in enumerate(props)}
-    with open(os.path.join(cfg.out, "compattribute.json"), "w") as f:
-        json.dump({"store": st.uri, "properties": props, "top_component": top, "aligner": cfg.aligner}, f, indent=2)
-    write_section(cfg.out, "compattribute", "CompAttribute: components × properties", order=10,
+    out.write_json("compattribute.json", {"store": st.uri, "properties": props, "top_component": top,
+                                          "aligner": cfg.aligner})
+    write_section(out, "compattribute", "CompAttribute: components × properties", order=10,
                   summary=f"Mean Pearson correlation, over the {st.count()} images of the store, between each "
                           "component's projection and the (aligned) total's projection on each property's "
                           "orthonormalised description embeddings (SPEC §6).",
@@ -63,9 +67,10 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
                          "components": len(names), "properties": len(props),
                          **{f"top component: {p}": f"{c} ({sc[names.index(c), j]:+.3f})"
                             for j, (p, c) in enumerate(top.items())}},
-                  images=[(png, "CompAttribute score of every component (rows) for every property (columns)")],
+                  images=[("compattribute.png",
+                           "CompAttribute score of every component (rows) for every property (columns)")],
                   tables=[{"path": "compattribute.parquet", "caption": "component, property, score", "max_rows": 40}])
-    report = write_report(cfg.out)
+    report = write_report(out)
     return {"table": table, "scores": sc, "names": names, "properties": list(props), "top": top, "png": png,
             "report": report}
 
@@ -78,25 +83,24 @@ def run_retrieve(cfg: RetrieveConfig) -> dict:
     property), images ranked by cosine similarity of their summed top components to the probes'
     (a Lance vector index for large stores). A table, a contact sheet and a report section."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from ..fit.text import resolve_text_model
     from .compattribute import compattribute, read_properties
     from .report import write_report, write_section
-    from .retrieval import contact_sheet, default_index_path, retrieve_by_images, retrieve_by_text, specific_rank
+    from .retrieval import INDEX_NAME, contact_sheet, retrieve_by_images, retrieve_by_text, specific_rank
 
     if bool(cfg.text) == bool(cfg.image_ids):
         raise OptionError("text", "give exactly one probe: a text (text-based retrieval) or image ids "
                                   "(image-based retrieval)")
     st, aligner = _open(cfg)
     clip = resolve_text_model(st, aligner, cfg, what="retrieval")
-    props = read_properties(cfg.properties)
+    props = read_properties(cfg.properties, cfg.s3())
     if cfg.property not in props:
         import difflib
 
         raise OptionError("property", f"unknown property {cfg.property!r}; known: {sorted(props)} "
                                       f"(close: {difflib.get_close_matches(cfg.property, list(props))})")
-    os.makedirs(cfg.out, exist_ok=True)
+    out = _output(cfg)
     n_top = cfg.top_components
     distributed = aligner is None and st.count() >= 20_000      # Ray's start-up outweighs small stores
     if cfg.text:
@@ -113,31 +117,37 @@ def run_retrieve(cfg: RetrieveConfig) -> dict:
         top = [names[i] for i in np.argsort(-rank, kind="stable")[:n_top]]
         hits, info = retrieve_by_images(st, top, list(cfg.image_ids), cfg.top_images, aligner, index=cfg.index,
                                         index_threshold=cfg.index_threshold,
-                                        index_path=default_index_path(cfg.out), nprobes=cfg.nprobes)
+                                        index_path=out.lance_uri(INDEX_NAME), nprobes=cfg.nprobes,
+                                        storage_options=out.storage_options)
         probe, scored = f"images {list(cfg.image_ids)}", st.count()
     scores, ids = np.array([h[2] for h in hits]), [h[0] for h in hits]
     table = pa.table({"rank": list(range(len(hits))), "image_id": [h[0] for h in hits],
                       "uri": [h[1] for h in hits], "score": [h[2] for h in hits]})
-    pq.write_table(table, os.path.join(cfg.out, "retrieval.parquet"))
+    out.write_parquet("retrieval.parquet", table)
     comp_table = pa.table({"component": top, "rank_score": [float(rank[names.index(n)]) for n in top]})
-    pq.write_table(comp_table, os.path.join(cfg.out, "retrieval_components.parquet"))
-    sheet = contact_sheet(table.column("uri").to_pylist(), os.path.join(cfg.out, "retrieval.png"), s3=cfg.s3())
+    out.write_parquet("retrieval_components.parquet", comp_table)
+    sheet, unreadable = contact_sheet(table.column("uri").to_pylist(), out.uri("retrieval.png"), s3=cfg.s3())
+    if unreadable:
+        log.warning("contact sheet: %d of %d retrieved images could not be read and are crossed out; first: %s (%s)",
+                    len(unreadable), len(hits), *unreadable[0])
     how = ("the probe text's projection of the sum of the {n} components CompAttribute ranks highest for the "
            "property {p!r} (SPEC §7, text-based retrieval by property)" if cfg.text else
            "cosine similarity, to the probe images, of the normalised sum of the {n} components that carry the "
            "property {p!r} most specifically (CompAttribute for it minus the largest for any other property; "
            "SPEC §7, image-based retrieval)").format(n=len(top), p=cfg.property)
-    write_section(cfg.out, "retrieve", f"Retrieval: {probe} through the {cfg.property!r} components", order=20,
+    write_section(out, "retrieve", f"Retrieval: {probe} through the {cfg.property!r} components", order=20,
                   summary=f"Every image of the store ranked by {how}.",
                   facts={"store": st.uri, "property": cfg.property, "probe": probe,
                          "components used": top, "images scored": scored, "search": info["search"],
-                         "aligner": cfg.aligner or "none"},
-                  images=[(sheet, f"top {len(hits)} images, best first (row-major)")] if sheet else [],
+                         "aligner": cfg.aligner or "none", "unreadable tiles": len(unreadable),
+                         **({"unreadable images": [f"{u}: {why}" for u, why in unreadable[:5]]} if unreadable else {})},
+                  images=[("retrieval.png", f"top {len(hits)} images, best first (row-major)"
+                           + (f"; {len(unreadable)} unreadable, crossed out" if unreadable else ""))] if sheet else [],
                   tables=[{"path": "retrieval.parquet", "caption": "rank, image_id, uri, score", "max_rows": 40},
                           {"path": "retrieval_components.parquet", "caption": "the components used"}])
-    report = write_report(cfg.out)
+    report = write_report(out)
     return {"table": table, "components": top, "scores": scores, "ids": ids, "report": report, "sheet": sheet,
-            "probe": probe, **info}
+            "unreadable_tiles": unreadable, "probe": probe, **info}
 
 
 # ------------------------------------------------------------------------------------ heads
@@ -161,13 +171,13 @@ def build_head(st, cfg: HeadOptions, aligner, fit_ids=None):
         return zeroshot_head(clip, classes, aligned=aligner is not None, cache_dir=cfg.text_cache)
     if kind == "probe":
         if cfg.probe:
-            head = LinearHead.load(cfg.probe)
+            head = LinearHead.load(cfg.probe, cfg.s3())
             if head.W.shape[1] != st.manifest["d"]:
                 raise OptionError("probe", f"{cfg.probe} reads {head.W.shape[1]}-d readouts, {st.uri} holds "
                                            f"{st.manifest['d']}-d ones")
             return head
         head, info = fit_probe(st, cfg.label_column, ids=fit_ids, class_names=cfg.class_names)
-        path = head.save(os.path.join(cfg.out, "probe"))
+        path = head.save(open_output(cfg.out, cfg.s3()).uri("probe"), cfg.s3())
         log.info("fitted a linear probe on %d readouts (train accuracy %.3f) -> %s.safetensors", info["rows"],
                  info["train_accuracy"], path)
         return head
@@ -178,7 +188,7 @@ def _needs_probe_fit(st, cfg: HeadOptions, aligner) -> bool:
     return head_kind(st, cfg, aligner) == "probe" and not cfg.probe
 
 
-def _section(out, name, title, order, summary, facts, images, tables):
+def _section(out: OutputDir, name, title, order, summary, facts, images, tables):
     from .report import write_report, write_section
 
     write_section(out, name, title=title, order=order, summary=summary, facts=facts, images=images, tables=tables)
@@ -188,13 +198,11 @@ def _section(out, name, title, order, summary, facts, images, tables):
 # ------------------------------------------------------------------------------------ ablate
 def run_ablate(cfg: AblateConfig) -> dict:
     """Mean-ablation curves (cumulative over layers and per layer) of the chosen head's accuracy."""
-    import pyarrow.parquet as pq
-
     from ..store.splits import select_ids
     from .ablation import ablation_curves, plot_curves
 
     st, aligner = _open(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    out = _output(cfg)
     if cfg.split_column and not cfg.eval_split:
         raise OptionError("eval_split", "with a split column, name the split(s) whose accuracy the curves show")
     ids = select_ids(st, cfg.split_column, cfg.eval_split) if cfg.split_column else None
@@ -213,16 +221,15 @@ def run_ablate(cfg: AblateConfig) -> dict:
     head = build_head(st, cfg, aligner, fit_ids=fit_ids)
     table, rows, n = ablation_curves(st, head, cfg.label_column, ids=ids, aligner=aligner, order=cfg.order,
                                      kinds=cfg.kinds or ("all", "attn", "mlp"))
-    pq.write_table(table, os.path.join(cfg.out, "ablation.parquet"))
+    out.write_parquet("ablation.parquet", table)
     base = rows[0]["accuracy"]
-    png = plot_curves(rows, os.path.join(cfg.out, "ablation.png"),
-                      f"Mean ablation — {st.manifest['model']['name']} ({head.kind} head, {n} images)")
+    png = out.savefig("ablation.png", plot_curves(
+        rows, f"Mean ablation — {st.manifest['model']['name']} ({head.kind} head, {n} images)"), dpi=110)
     final = {r["kind"]: r["accuracy"] for r in rows if r["curve"] == "cumulative"}     # last step per kind
     summary = {"store": st.uri, "head": head.kind, "images": n, "baseline_accuracy": base,
                "all_ablated_accuracy": final, "order": cfg.order}
-    with open(os.path.join(cfg.out, "ablation.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    report = _section(cfg.out, "ablation", "Mean-ablation curves", 30,
+    out.write_json("ablation.json", summary)
+    report = _section(out, "ablation", "Mean-ablation curves", 30,
                       f"Components replaced by their mean over the evaluated rows, cumulatively from the "
                       f"{'last' if cfg.order == 'reverse' else 'first'} layer and one layer at a time; accuracy of "
                       f"the {head.kind} head on the label column {cfg.label_column!r}.",
@@ -238,7 +245,6 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
     """Spurious-feature mitigation: mean-ablate the top-k components of a ranking chosen on the fit
     rows, per-group accuracy before and after on the evaluated rows."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from ..fit.text import resolve_text_model
     from ..store.splits import check_column, select_ids
@@ -248,7 +254,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
     st, aligner = _open(cfg)
     check_column(st, cfg.label_column, "label_column")
     check_column(st, cfg.group_column, "group_column")
-    os.makedirs(cfg.out, exist_ok=True)
+    out = _output(cfg)
     frac = cfg.val_fraction
     if cfg.split_column and not (cfg.eval_split and (cfg.fit_split or cfg.protocol == "same-pool")):
         raise OptionError("fit_split", "with a split column, name the fit split (where components and means are "
@@ -266,7 +272,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
         if not (cfg.spurious and cfg.core):
             raise OptionError("spurious", "the spurious and core options name the two properties (defaults or "
                                           "from the properties file)")
-        props = named_properties(cfg.properties)
+        props = named_properties(cfg.properties, cfg.s3())
         missing = [p for p in (cfg.spurious, cfg.core) if p not in props]
         if missing:
             raise OptionError("spurious" if cfg.spurious in missing else "core",
@@ -294,10 +300,10 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
         r["ablated"] = r["component"] in res["ablated"]
     table = pa.Table.from_pylist(rows_of(res))
     nm = cfg.name
-    pq.write_table(table, os.path.join(cfg.out, f"{nm}.parquet"))
-    pq.write_table(pa.Table.from_pylist(ranked), os.path.join(cfg.out, f"{nm}_components.parquet"))
-    png = plot_mitigation(res, os.path.join(cfg.out, f"{nm}.png"),
-                          f"Spurious mitigation — top {cfg.k} by {cfg.ranking} ({cfg.protocol})")
+    out.write_parquet(f"{nm}.parquet", table)
+    out.write_parquet(f"{nm}_components.parquet", pa.Table.from_pylist(ranked))
+    png = out.savefig(f"{nm}.png", plot_mitigation(
+        res, f"Spurious mitigation — top {cfg.k} by {cfg.ranking} ({cfg.protocol})"), dpi=110)
     b, a = res["before"], res["after"]
     summary = {"store": st.uri, "head": head.kind, "ranking": cfg.ranking, "protocol": cfg.protocol, "k": cfg.k,
                "fit_rows": len(fit_ids), "eval_rows": len(eval_ids), "ablated": res["ablated"],
@@ -305,12 +311,11 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
                                **({"random": res["random"]["worst"]} if "random" in res else {})},
                "mean_group": {"before": b["mean"], "after": a["mean"]}, "accuracy": res["accuracy"],
                "groups": {"before": b["groups"], "after": a["groups"]}, "options": asdict(cfg)}
-    with open(os.path.join(cfg.out, f"{nm}.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    out.write_json(f"{nm}.json", summary, default=str)
     how = (f"components chosen and means taken on {len(fit_ids)} rows, accuracy measured on {len(eval_ids)} "
            "held-out rows" if cfg.protocol == "heldout" else
            f"published protocol: components, means and accuracy all on the same {len(eval_ids)} rows")
-    report = _section(cfg.out, nm, f"Spurious-feature mitigation ({cfg.ranking} ranking, {cfg.protocol})", 40,
+    report = _section(out, nm, f"Spurious-feature mitigation ({cfg.ranking} ranking, {cfg.protocol})", 40,
                       f"Top {cfg.k} components by {cfg.ranking} "
                       + (f"(CompAttribute({cfg.spurious}) − CompAttribute({cfg.core})) " if cfg.ranking == "compattribute"
                          else "(signed push towards the class the group predicts) ")
@@ -330,4 +335,4 @@ def run_report(cfg: ReportConfig) -> dict:
     from .report import write_report
 
     cfg.check_required()
-    return {"report": write_report(cfg.out, title=cfg.title)}
+    return {"report": write_report(open_output(cfg.out, cfg.s3()), title=cfg.title)}

@@ -12,6 +12,10 @@ together with a sidecar ``OUT/<name>.section.json`` (:func:`write_section`)::
 ``OUT/report.html``: inline CSS, no JavaScript, no network references; every image embedded as a
 ``data:`` URI and wrapped in a link to its file; every table shown (first ``max_rows`` rows) with a
 link to its Parquet file and its row count. The Parquet files are the machine-readable form.
+
+``OUT`` is a local directory or ``s3://bucket/prefix``: every function takes a path/URI (with the
+job's :class:`~vitdecomp.io.S3Settings` as ``s3``) or an :class:`~vitdecomp.io.OutputDir`, and reads
+and writes only through it.
 """
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import urllib.parse
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import InputError
+from ..io import OutputDir, S3Settings, open_output
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +46,19 @@ class ReportError(InputError):
 
 
 # --------------------------------------------------------------------------------------------- sections
-def _rel_path(out_dir: str, path: str, where: str) -> str:
-    """``path`` (relative to ``out_dir``, or absolute inside it) as a normalised relative POSIX path."""
+def _rel_path(out: OutputDir, path: str, where: str) -> str:
+    """``path`` (relative to ``out``, or an absolute path / URI inside it) as a normalised relative
+    POSIX path."""
     if not isinstance(path, str) or not path:
         raise ReportError(f"{where}: a path must be a non-empty string, got {path!r}")
-    full = path if os.path.isabs(path) else os.path.join(out_dir, path)
-    rel = os.path.relpath(os.path.abspath(full), os.path.abspath(out_dir))
-    if rel == os.curdir or rel.split(os.sep)[0] == os.pardir:
-        raise ReportError(f"{where}: {path!r} is not inside the output directory {out_dir!r}; "
+    rel = out.relative(path)
+    if rel is None:
+        raise ReportError(f"{where}: {path!r} is not inside the output directory {out.uri()!r}; "
                           "write the file there so the report can link it")
-    return rel.replace(os.sep, "/")
+    return rel
 
 
-def _items(out_dir: str, items: Optional[Iterable], kind: str, where: str) -> list[dict]:
+def _items(od: OutputDir, items: Optional[Iterable], kind: str, where: str) -> list[dict]:
     """Normalise ``[path | (path, caption) | {"path", "caption", ...}]`` and check each file exists."""
     out = []
     for it in items or []:
@@ -67,10 +71,10 @@ def _items(out_dir: str, items: Optional[Iterable], kind: str, where: str) -> li
         else:
             raise ReportError(f"{where}: each {kind} must be a path, (path, caption) or "
                               f"{{'path': ..., 'caption': ...}}, got {it!r}")
-        d["path"] = _rel_path(out_dir, d["path"], where)
+        d["path"] = _rel_path(od, d["path"], where)
         d["caption"] = str(d.get("caption") or "")
-        if not os.path.isfile(os.path.join(out_dir, d["path"])):
-            raise ReportError(f"{where}: {kind} file {d['path']!r} does not exist in {out_dir!r}")
+        if not od.is_file(d["path"]):
+            raise ReportError(f"{where}: {kind} file {d['path']!r} does not exist in {od.uri()!r}")
         if kind == "table" and d.get("max_rows") is not None:
             d["max_rows"] = int(d["max_rows"])
         out.append(d)
@@ -88,10 +92,11 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def write_section(out_dir: str, name: str, title: str, order: int = 100, summary: str = "",
+def write_section(out_dir: Union[str, OutputDir], name: str, title: str, order: int = 100, summary: str = "",
                   facts: Optional[Mapping[str, Any]] = None, images: Optional[Sequence] = None,
-                  tables: Optional[Sequence] = None) -> str:
-    """Write the sidecar ``out_dir/<name>.section.json`` describing one query's outputs; returns its path.
+                  tables: Optional[Sequence] = None, s3: Optional[S3Settings] = None) -> str:
+    """Write the sidecar ``out_dir/<name>.section.json`` describing one query's outputs; returns its
+    path (local) or URI (``s3://``). ``out_dir``: a path/URI (reached with ``s3``) or an OutputDir.
 
     ``images`` and ``tables`` are lists of paths (relative to ``out_dir`` or absolute inside it),
     ``(path, caption)`` pairs or dicts ``{"path", "caption"[, "max_rows"]}``; every file must exist.
@@ -101,35 +106,32 @@ def write_section(out_dir: str, name: str, title: str, order: int = 100, summary
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ReportError(f"section name {name!r} must be letters, digits, '_', '.' or '-' "
                           "(it names the sidecar file)")
-    if not os.path.isdir(out_dir):
-        raise ReportError(f"section {name!r}: output directory {out_dir!r} does not exist")
+    out = open_output(out_dir, s3)
+    if not out.is_dir():
+        raise ReportError(f"section {name!r}: output directory {out.uri()!r} does not exist")
     where = f"section {name!r}"
     doc = {"name": name, "title": str(title), "order": int(order), "summary": str(summary or ""),
            "facts": json.loads(json.dumps(dict(facts or {}), default=_jsonable)),
-           "images": _items(out_dir, images, "image", where),
-           "tables": _items(out_dir, tables, "table", where)}
-    path = os.path.join(out_dir, name + SECTION_SUFFIX)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-    return path
+           "images": _items(out, images, "image", where),
+           "tables": _items(out, tables, "table", where)}
+    return out.write_json(name + SECTION_SUFFIX, doc, ensure_ascii=False)
 
 
-def read_sections(out_dir: str) -> list[dict]:
-    """All ``*.section.json`` in ``out_dir``, validated, sorted by (order, name)."""
-    if not os.path.isdir(out_dir):
-        raise ReportError(f"report: output directory {out_dir!r} does not exist")
-    files = sorted(f for f in os.listdir(out_dir) if f.endswith(SECTION_SUFFIX))
+def read_sections(out_dir: Union[str, OutputDir], s3: Optional[S3Settings] = None) -> list[dict]:
+    """All ``*.section.json`` in ``out_dir`` (a path/URI reached with ``s3``, or an OutputDir),
+    validated, sorted by (order, name)."""
+    out = open_output(out_dir, s3)
+    if not out.is_dir():
+        raise ReportError(f"report: output directory {out.uri()!r} does not exist")
+    files = out.list(SECTION_SUFFIX)
     if not files:
-        raise ReportError(f"report: no *{SECTION_SUFFIX} in {out_dir!r}; run a query subcommand "
+        raise ReportError(f"report: no *{SECTION_SUFFIX} in {out.uri()!r}; run a query subcommand "
                           "with --out there first")
     sections, seen = [], {}
     for fn in files:
-        sidecar = os.path.join(out_dir, fn)
+        sidecar = out.uri(fn)
         try:
-            with open(sidecar, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(out.read_bytes(fn).decode("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ReportError(f"{sidecar}: not a readable section sidecar: {e}") from None
         if not isinstance(doc, dict):
@@ -154,8 +156,8 @@ def read_sections(out_dir: str) -> list[dict]:
                 raise ReportError(f"{sidecar}: {key!r} must be a list")
         sections.append({"name": doc["name"], "title": doc["title"], "order": order,
                          "summary": str(doc.get("summary") or ""), "facts": facts,
-                         "images": _items(out_dir, doc.get("images"), "image", sidecar),
-                         "tables": _items(out_dir, doc.get("tables"), "table", sidecar),
+                         "images": _items(out, doc.get("images"), "image", sidecar),
+                         "tables": _items(out, doc.get("tables"), "table", sidecar),
                          "sidecar": sidecar})
     sections.sort(key=lambda s: (s["order"], s["name"]))
     return sections
@@ -206,13 +208,11 @@ def _anchor(name: str) -> str:
     return "sec-" + re.sub(r"[^A-Za-z0-9_-]", "-", name)
 
 
-def _image_html(out_dir: str, img: dict, sidecar: str) -> str:
+def _image_html(out: OutputDir, img: dict, sidecar: str) -> str:
     from PIL import Image, UnidentifiedImageError
 
-    path = os.path.join(out_dir, img["path"])
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = out.read_bytes(img["path"])
     except OSError as e:
         raise ReportError(f"{sidecar}: image {img['path']!r}: {e}") from None
     if img["path"].lower().endswith(".svg"):
@@ -239,15 +239,14 @@ def _image_html(out_dir: str, img: dict, sidecar: str) -> str:
             f'{html.escape(img["path"])}</a></figcaption></figure>')
 
 
-def _table_html(out_dir: str, tab: dict, sidecar: str) -> str:
+def _table_html(out: OutputDir, tab: dict, sidecar: str) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = os.path.join(out_dir, tab["path"])
     max_rows = tab.get("max_rows")
     max_rows = DEFAULT_MAX_ROWS if max_rows is None else max(0, int(max_rows))
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(out.open_input_file(tab["path"]))
         n = pf.metadata.num_rows
         schema = pf.schema_arrow
         head = pa.Table.from_batches(list(_first_rows(pf, max_rows)), schema=schema)
@@ -306,18 +305,21 @@ tbody tr:nth-child(even){background:#fafafa}footer{color:#888;font-size:.8rem;ma
 """
 
 
-def render_report(out_dir: str, sections: list[dict], title: Optional[str] = None) -> str:
-    """The report page for ``sections`` (from :func:`read_sections`) as an HTML string."""
+def render_report(out_dir: Union[str, OutputDir], sections: list[dict], title: Optional[str] = None,
+                  s3: Optional[S3Settings] = None) -> str:
+    """The report page for ``sections`` (from :func:`read_sections`) as an HTML string; images are
+    read through ``out_dir`` (a path/URI reached with ``s3``, or an OutputDir)."""
     from ..version import __version__
 
-    title = title or f"vitdecomp report — {os.path.basename(os.path.abspath(out_dir))}"
+    out = open_output(out_dir, s3)
+    title = title or f"vitdecomp report — {out.uri().rstrip('/').rsplit('/', 1)[-1]}"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     t = html.escape(title)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{t}</title><style>{_CSS}</style></head><body>",
              f'<header><h1>{t}</h1><p class="meta">Generated {now} by vitdecomp {html.escape(__version__)} '
-             f"from {len(sections)} section(s) in <code>{html.escape(os.path.abspath(out_dir))}</code></p>",
+             f"from {len(sections)} section(s) in <code>{html.escape(out.uri())}</code></p>",
              "<nav><strong>Contents</strong><ol>"]
     parts += [f'<li><a href="#{_anchor(s["name"])}">{html.escape(s["title"])}</a></li>' for s in sections]
     parts.append("</ol></nav></header><main>")
@@ -326,26 +328,25 @@ def render_report(out_dir: str, sections: list[dict], title: Optional[str] = Non
         if s["summary"]:
             parts.append(f'<p class="summary">{html.escape(s["summary"])}</p>')
         parts.append(_facts_html(s["facts"]))
-        parts += [_image_html(out_dir, img, s["sidecar"]) for img in s["images"]]
-        parts += [_table_html(out_dir, tab, s["sidecar"]) for tab in s["tables"]]
+        parts += [_image_html(out, img, s["sidecar"]) for img in s["images"]]
+        parts += [_table_html(out, tab, s["sidecar"]) for tab in s["tables"]]
         parts.append("</section>")
     parts.append("</main><footer>Static page: plots are embedded and link to their files; tables link to "
                  "their Parquet files, which hold every row.</footer></body></html>\n")
     return "\n".join(parts)
 
 
-def write_report(out_dir: str, title: Optional[str] = None) -> str:
-    """Gather ``out_dir/*.section.json`` into ``out_dir/report.html``; returns its path.
+def write_report(out_dir: Union[str, OutputDir], title: Optional[str] = None,
+                 s3: Optional[S3Settings] = None) -> str:
+    """Gather ``out_dir/*.section.json`` into ``out_dir/report.html`` (written atomically); returns
+    its path (local) or URI (``s3://``). ``out_dir``: a path/URI reached with ``s3``, or an OutputDir.
 
     Raises :class:`ReportError` naming the sidecar and the file when a referenced file is missing
     or unreadable, and when ``out_dir`` holds no sidecar.
     """
-    sections = read_sections(out_dir)
-    page = render_report(out_dir, sections, title)
-    path = os.path.join(out_dir, REPORT_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    out = open_output(out_dir, s3)
+    sections = read_sections(out)
+    page = render_report(out, sections, title)
+    path = out.write_text(REPORT_NAME, page)
     log.info("report: %d section(s) -> %s", len(sections), path)
     return path

@@ -9,7 +9,7 @@ dataset with an IVF vector index (cosine) and the neighbours come from Lance's A
 """
 from __future__ import annotations
 
-import os
+import io as _io
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,6 +17,8 @@ import numpy as np
 from ..config import OptionError
 from ..errors import InputError
 from ..fit.compalign import aligned_batches
+
+INDEX_NAME = "retrieval_index.lance"
 
 
 def specific_rank(scores: np.ndarray, i: int) -> np.ndarray:
@@ -105,8 +107,9 @@ def index_search(ds, probe: np.ndarray, n: int, exclude=(), nprobes: Optional[in
 
 def retrieve_by_images(st, components, probe_ids, n: int, aligner=None, index: str = "auto",
                        index_threshold: int = 100_000, index_path: Optional[str] = None, nprobes: Optional[int] = None,
-                       include_probes: bool = False) -> tuple[list, dict]:
-    """Neighbours of the probe images in the space of ``components``; returns (hits, info)."""
+                       include_probes: bool = False, storage_options: Optional[dict] = None) -> tuple[list, dict]:
+    """Neighbours of the probe images in the space of ``components``; returns (hits, info). A Lance
+    index goes to ``index_path`` (local or ``s3://``, with Lance ``storage_options``)."""
     if index not in ("auto", "exact", "lance"):
         raise OptionError("index", f"must be auto, exact or lance, got {index!r}")
     probe = probe_vector(st, components, probe_ids, aligner)
@@ -116,13 +119,16 @@ def retrieve_by_images(st, components, probe_ids, n: int, aligner=None, index: s
         return exact_search(st, components, probe, n, exclude, aligner), {"search": "exact"}
     if not index_path:
         raise InputError("a Lance vector index needs a path (index_path)")
-    ds = build_index(st, components, index_path, aligner)
+    ds = build_index(st, components, index_path, aligner, storage_options=storage_options)
     return index_search(ds, probe, n, exclude, nprobes), {"search": "lance IVF_FLAT (cosine)", "index": index_path,
                                                          "rows": ds.count_rows()}
 
 
 def default_index_path(out: str) -> str:
-    return os.path.join(out, "retrieval_index.lance")
+    """Where ``query retrieve`` keeps its Lance index in the output directory ``out``."""
+    from ..io import join
+
+    return join(out, INDEX_NAME)
 
 
 def retrieve_by_text(st, components: Sequence[str], text: str, clip, n: int, aligner=None,
@@ -142,27 +148,47 @@ def retrieve_by_text(st, components: Sequence[str], text: str, clip, n: int, ali
     return [(ids[i], uris[i], float(scores[i])) for i in order], {"search": "exact", "scored": len(ids)}
 
 
-def contact_sheet(uris, path: str, size: int = 96, cols: int = 8, s3=None) -> Optional[str]:
-    """A grid of the images at ``uris`` (read through the job's S3 settings); None if there are none."""
-    import io
+def _unreadable_tile(size: int):
+    """A grey tile crossed out in red: an image that could not be read or decoded."""
+    from PIL import Image, ImageDraw
 
+    tile = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(tile)
+    w = max(2, size // 16)
+    draw.line([(0, 0), (size - 1, size - 1)], fill=(220, 0, 0), width=w)
+    draw.line([(0, size - 1), (size - 1, 0)], fill=(220, 0, 0), width=w)
+    return tile
+
+
+def contact_sheet(uris: Sequence[str], path: str, size: int = 96, cols: int = 8,
+                  s3=None) -> tuple[Optional[str], list[tuple[str, str]]]:
+    """A grid of the images at ``uris`` (local paths, ``s3://`` or WebDataset members
+    ``shard.tar#key``, read through :func:`vitdecomp.io.read_image` with the job's S3 settings),
+    written as a PNG to ``path`` (a local path or ``s3://`` URI).
+
+    Returns ``(path, failures)``: ``path`` is None when there are no URIs; ``failures`` lists
+    ``(uri, reason)`` for every image that could not be read or decoded, each drawn as a grey tile
+    crossed out in red.
+    """
     from PIL import Image
 
-    from ..io import resolve
+    from ..io import decode_errors, read_image, write_bytes
 
-    tiles = []
+    tiles, failures = [], []
     for u in uris:
         try:
-            fs, p = resolve(u.split("#", 1)[0], s3)
-            with fs.open_input_file(p) as f:
-                tiles.append(Image.open(io.BytesIO(f.read())).convert("RGB").resize((size, size)))
-        except Exception:  # noqa: BLE001 -- a missing source image leaves a blank tile
-            tiles.append(Image.new("RGB", (size, size), (128, 128, 128)))
+            if not u:
+                raise FileNotFoundError("the store holds no source URI for this image")
+            tiles.append(read_image(u, s3).resize((size, size)))
+        except decode_errors() as e:
+            failures.append((u, f"{type(e).__name__}: {e}"))
+            tiles.append(_unreadable_tile(size))
     if not tiles:
-        return None
+        return None, failures
     rows = (len(tiles) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % cols) * size, (i // cols) * size))
-    sheet.save(path)
-    return path
+    buf = _io.BytesIO()
+    sheet.save(buf, "PNG")
+    return write_bytes(path, buf.getvalue(), s3), failures

@@ -52,3 +52,78 @@ def arrow_to_vectors(col, dtype=np.float32) -> np.ndarray:
         col = col.combine_chunks()
     d = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(dtype, copy=False)
+
+
+def schema_dtype(schema: pa.Schema) -> str:
+    """``"fp16"``/``"fp32"``: the element type of a contributions schema's vector columns."""
+    value_type = schema.field("readout").type.value_type
+    return next(k for k, v in DTYPES.items() if v == value_type)
+
+
+def passthrough_names(schema: pa.Schema) -> list[str]:
+    """The pass-through columns of a contributions schema (neither reserved nor ``c_*``)."""
+    return [n for n in schema.names if n not in RESERVED and not n.startswith("c_")]
+
+
+def rows_table(schema: pa.Schema, names: Sequence[str], ids: Sequence[str], uris: Optional[Sequence[Optional[str]]],
+               columns: Optional[dict], readout: np.ndarray, contributions: Optional[np.ndarray],
+               teacher: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None) -> pa.Table:
+    """One chunk of store rows as an Arrow table of exactly ``schema`` (shared by the decompose
+    workers and :meth:`vitdecomp.store.Store.append`).
+
+    Args:
+        schema: the store's contributions schema.
+        names: component names, ordered as ``contributions``' ``K`` axis (each must have a column).
+        ids: ``n`` image ids; ``uris``: ``n`` URIs (None: null).
+        columns: pass-through column name → ``n`` values (Arrow array or list); exactly the schema's.
+        readout: ``[n, d]`` float; ``contributions``: ``[n, K, d]`` float (None when ``K == 0``);
+            ``teacher``: ``[n, d_t]`` float (required iff the schema has a teacher column).
+        valid: ``[n]`` bool; vectors of rows where it is false are null (rows that failed).
+
+    Raises:
+        InputError: shapes, names or columns that do not fit the schema.
+    """
+    from ..errors import InputError
+
+    n = len(ids)
+    dtype = schema_dtype(schema)
+    d = schema.field("readout").type.list_size
+    readout = np.asarray(readout)
+    if readout.shape != (n, d):
+        raise InputError(f"readout has shape {list(readout.shape)}; the store needs [{n}, {d}] ({n} ids, d={d})")
+    K = len(names)
+    if K:
+        contributions = np.asarray(contributions)
+        if contributions.shape != (n, K, d):
+            raise InputError(f"contributions have shape {list(contributions.shape)}; the store needs "
+                             f"[{n}, {K}, {d}] ({n} ids, {K} components, d={d})")
+    have = [c for c in schema.names if c.startswith("c_")]
+    if [column_for(c) for c in names] != have:
+        extra = [c for c in names if column_for(c) not in have]
+        raise InputError(f"the components {list(names)[:3]}… ({K}) are not the store's ({len(have)} columns); "
+                         f"not in the store: {extra[:5]}")
+    want = passthrough_names(schema)
+    columns = dict(columns or {})
+    if sorted(columns) != sorted(want):
+        raise InputError(f"pass-through columns {sorted(columns)} given; the store's are {want}")
+    has_teacher = "teacher" in schema.names
+    if has_teacher != (teacher is not None):
+        raise InputError("the store has a teacher column: pass the teacher embeddings" if has_teacher else
+                         "the store has no teacher column, but teacher embeddings were given")
+    data: dict = {"image_id": pa.array(list(ids), pa.string()),
+                  "uri": pa.array(list(uris) if uris is not None else [None] * n, pa.string())}
+    for name in want:
+        values = columns[name]
+        if len(values) != n:
+            raise InputError(f"pass-through column {name!r} has {len(values)} values for {n} ids")
+        data[name] = values
+    data["readout"] = vectors_to_arrow(readout, dtype, valid)
+    for k, name in enumerate(names):
+        data[column_for(name)] = vectors_to_arrow(contributions[:, k], dtype, valid)
+    if has_teacher:
+        teacher = np.asarray(teacher)
+        d_t = schema.field("teacher").type.list_size
+        if teacher.shape != (n, d_t):
+            raise InputError(f"teacher embeddings have shape {list(teacher.shape)}; the store needs [{n}, {d_t}]")
+        data["teacher"] = vectors_to_arrow(teacher, dtype, valid)
+    return pa.table(data).select(schema.names).cast(schema)

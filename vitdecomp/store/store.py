@@ -24,8 +24,9 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -36,12 +37,14 @@ import pyarrow.parquet as pq
 from ..engine.names import Component
 from ..errors import InputError, VitdecompError
 from ..io import S3Settings, is_s3, join, resolve, retry
-from .manifest import IDENTITY_FIELDS, MANIFEST, components_from_json, components_to_json, manifest_diff
+from .manifest import IDENTITY_FIELDS, MANIFEST, Manifest, components_from_json, components_to_json, manifest_diff
 from .schema import DTYPES, ERRORS_SCHEMA, RESERVED, arrow_to_vectors, column_for, contributions_schema, vector_type, vectors_to_arrow
+from .schema import rows_table
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("lance", "parquet")
+LANCE_MAX_ROWS_PER_FILE = 64 * 1024 * 1024      # one fragment per written chunk (lance-ray's default)
 
 
 class StoreError(VitdecompError):
@@ -79,7 +82,13 @@ class Store:
             if not self.exists():
                 raise StoreError(f"no store at {self.uri}: {MANIFEST} is missing (create one with `vitdecomp decompose`)")
             with self.fs.open_input_stream(self._p(MANIFEST)) as f:
-                self._manifest = json.loads(f.read().decode())
+                raw = f.read()
+            try:
+                self._manifest = json.loads(raw.decode())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise StoreError(f"{self.uri}: {MANIFEST} is unreadable ({e}); it is written atomically, so it was "
+                                 "damaged after it was written: restore it from a backup, or decompose into a new "
+                                 "output location") from None
         return self._manifest
 
     @property
@@ -98,9 +107,34 @@ class Store:
     def has_teacher(self) -> bool:
         return bool(self.manifest.get("teacher"))
 
+    @property
+    def typed_manifest(self) -> Manifest:
+        """The manifest as a frozen :class:`~vitdecomp.store.manifest.Manifest` (``manifest`` is its dict)."""
+        return Manifest.from_dict(self.manifest)
+
     # ------------------------------------------------------------------ creation
-    def create(self, manifest: dict, schema: pa.Schema) -> None:
+    @classmethod
+    def create(cls, uri: str, manifest: Union[Manifest, dict], schema: Optional[pa.Schema] = None, *,
+               s3: Optional[S3Settings] = None) -> "Store":
+        """Create the store ``uri`` (local path or ``s3://``) for ``manifest`` and return it opened.
+
+        ``schema`` defaults to the manifest's (:meth:`Manifest.schema`: components, ``d``, dtype,
+        pass-through columns, teacher). A store that already exists there with the same identity
+        fields is reopened as it is (rows are then added by :meth:`append`); one whose manifest differs
+        is refused with :class:`StoreError`.
+        """
+        if not isinstance(uri, (str, os.PathLike)):
+            raise TypeError(f"Store.create(uri, manifest, schema=None): uri must be a path or s3:// URI, got "
+                            f"{type(uri).__name__}; to write the tables of an opened store use initialize()")
+        m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+        st = cls(os.fspath(uri), s3)
+        st.initialize(m.to_dict(), m.schema() if schema is None else schema)
+        return st
+
+    def initialize(self, manifest: Union[Manifest, dict], schema: pa.Schema) -> None:
         """Write the manifest and empty tables; refuse an existing store with a different manifest."""
+        if isinstance(manifest, Manifest):
+            manifest = manifest.to_dict()
         if self.exists():
             diff = manifest_diff(self.manifest, manifest)
             if diff:
@@ -122,15 +156,24 @@ class Store:
         else:
             for sub in ("contributions", "errors", "_commits"):
                 self.fs.create_dir(self._p(sub), recursive=True)
-            with self.fs.open_output_stream(self._p("_schema.json")) as f:
-                f.write(schema.serialize().to_pybytes())
+            self._write_bytes("_schema.json", schema.serialize().to_pybytes())
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
         retry(lambda: self._write_bytes(MANIFEST, data), "write manifest")
         self._manifest = manifest
 
     def _write_bytes(self, rel: str, data: bytes) -> None:
-        with self.fs.open_output_stream(self._p(rel)) as f:
-            f.write(data)
+        """Write a whole file atomically: locally to a unique temporary name, then renamed (readers
+        never see a partial file); an S3 PUT is atomic by itself."""
+        target = self._p(rel)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            head, _, tail = target.rpartition("/")
+            tmp = f"{head}/.{tail}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
 
     def check_writable(self) -> None:
         """Fail before any work if the output cannot be written."""
@@ -173,19 +216,133 @@ class Store:
                                           read_version=ds.version, storage_options=self.storage_options)
             retry(do, "commit contributions")
         else:
-            rec = {"files": written, "time": time.time()}
-            name = f"_commits/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            retry(lambda: self._write_bytes(name, json.dumps(rec).encode()), "write commit record")
+            self.commit_record({"files": written, "time": time.time()})
+
+    def commit_record(self, rec: dict) -> None:
+        """Parquet format: make ``rec`` (``files`` it adds, optionally ``remove``) visible, atomically."""
+        name = f"_commits/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        data = json.dumps(rec).encode()
+        retry(lambda: self._write_bytes(name, data), "write commit record")
+
+    # ------------------------------------------------------------------ writing rows
+    def write_uncommitted(self, table: pa.Table, *, format: Optional[str] = None) -> list[dict]:
+        """Write ``table`` (rows of the contributions schema) as files no reader sees yet: Lance
+        fragments or one Parquet file. Returns the records :meth:`commit` takes (``{"fragment": …,
+        "rows": n}`` / ``{"file": …, "rows": n}``). Retried from the materialised table, so a retry
+        never loses rows; files of a failed attempt or of a chunk never committed are orphans.
+        ``format`` (default: the manifest's) spares the Ray writers a manifest read per block."""
+        if not table.num_rows:
+            return []
+        if (format or self.format) == "lance":
+            from lance.fragment import write_fragments
+
+            frags = retry(lambda: write_fragments(table, self.lance_uri("contributions"), schema=table.schema,
+                                                  max_rows_per_file=LANCE_MAX_ROWS_PER_FILE, max_rows_per_group=1024,
+                                                  storage_options=self.storage_options), "write Lance fragment")
+            return [{"fragment": f.to_json(), "rows": f.num_rows} for f in frags]
+        name = f"contributions/{uuid.uuid4().hex}.parquet"
+        retry(lambda: pq.write_table(table, self._p(name), filesystem=self.fs), "write Parquet file")
+        return [{"file": name, "rows": table.num_rows}]
+
+    def append(self, decomposition: Any, ids: Sequence[str], columns: Optional[Mapping[str, Sequence]] = None,
+               teacher: Any = None, *, uris: Optional[Sequence[Optional[str]]] = None) -> int:
+        """Add one chunk of rows, committed atomically (all rows become visible, or none). No Ray needed.
+
+        Args:
+            decomposition: a :class:`vitdecomp.engine.Decomposition` of ``n`` images, or anything with
+                ``names`` (the manifest's components, in order), ``contributions [n, K, d]`` and
+                ``readout [n, d]`` (torch tensors on any device, or numpy arrays; stored as the
+                manifest's dtype). A readout-only store keeps only ``readout``.
+            ids: ``n`` distinct image ids, none of them already in the store.
+            columns: the store's pass-through columns, name → ``n`` values.
+            teacher: ``[n, d_t]`` teacher embeddings (required iff the store has a teacher column).
+            uris: ``n`` image URIs (default: null).
+
+        Returns the number of rows added. Raises :class:`StoreError` (names, ``d``, ids, columns that
+        do not fit) before anything is written. Holds the store's lease while it writes, so it is
+        refused while a decompose run (or another append) writes the same store.
+        """
+        from .lease import LEASE, Lease
+
+        m = self.typed_manifest
+        ids = [str(i) for i in ids]
+        names = list(getattr(decomposition, "names", None) or [])
+        readout = _numpy(decomposition.readout)
+        n = len(ids)
+        if m.options.readout_only:
+            names, contributions = [], None
+        else:
+            if names != m.names:
+                extra = [x for x in names if x not in set(m.names)]
+                absent = [x for x in m.names if x not in set(names)]
+                raise StoreError(f"{self.uri}: the decomposition's components differ from the store's "
+                                 f"({len(names)} vs {len(m.names)}; not in the store: {extra[:5]}, missing: "
+                                 f"{absent[:5]}{'' if extra or absent else '; same names in another order'}); "
+                                 "decompose with the manifest's blocks and heads")
+            contributions = _numpy(decomposition.contributions)
+            if contributions.ndim != 3 or contributions.shape[0] != n or contributions.shape[2] != m.d:
+                raise StoreError(f"{self.uri}: contributions have shape {list(contributions.shape)}; the store "
+                                 f"holds [n={n}, K={len(m.names)}, d={m.d}]")
+        if readout.ndim != 2 or readout.shape != (n, m.d):
+            raise StoreError(f"{self.uri}: the readout has shape {list(readout.shape)}; the store holds "
+                             f"[n={n}, d={m.d}] (model {m.model.name})")
+        for attr, want in (("convention", m.options.convention), ("normalized", m.options.normalize)):
+            got = getattr(decomposition, attr, None)
+            if got is not None and got != want:
+                raise StoreError(f"{self.uri}: the decomposition was made with {attr}={got!r}; the store's "
+                                 f"manifest records {want!r}")
+        dup = sorted(i for i, c in Counter(ids).items() if c > 1)
+        if dup:
+            raise StoreError(f"{self.uri}: the chunk repeats {len(dup)} image ids, e.g. {dup[:5]}")
+        if n == 0:
+            return 0
+        lease = Lease(self.lance_uri(LEASE[:-len(".lance")]), self.storage_options)
+        lease.acquire("Store.append")
+        try:
+            stored = self.read(columns=["image_id"], ids=ids).column("image_id").to_pylist()
+            if stored:
+                raise StoreError(f"{self.uri}: {len(set(stored))} of these image ids are already stored, e.g. "
+                                 f"{sorted(set(stored))[:5]}; append only new ids")
+            try:
+                table = rows_table(self.schema(), names, ids, uris, dict(columns or {}), readout, contributions,
+                                   None if teacher is None else _numpy(teacher))
+            except InputError as e:
+                raise StoreError(f"{self.uri}: {e}") from None
+            written = self.write_uncommitted(table)
+            lease.check()
+            self.commit(written, None)
+        finally:
+            lease.release()
+        log.info("appended %d rows to %s", n, self.uri)
+        return n
 
     # ------------------------------------------------------------------ reading
-    def _parquet_files(self, table: str) -> list[str]:
+    def commit_records(self) -> list[tuple[str, dict]]:
+        """Parquet format: the commit records in commit order, as ``(path, record)``. A record lists the
+        data files it adds (``files``) and, after a repair, the ones it retires (``remove``). Records
+        are written atomically; one that does not parse stops the read with the repair command."""
         sel = pafs.FileSelector(self._p("_commits"), allow_not_found=True)
-        files = []
+        out = []
         for info in sorted(self.fs.get_file_info(sel), key=lambda i: i.path):
-            if not info.path.endswith(".json"):
+            if not info.path.endswith(".json") or info.path.rsplit("/", 1)[-1].startswith("."):
                 continue
             with self.fs.open_input_stream(info.path) as f:
-                rec = json.loads(f.read().decode())
+                raw = f.read()
+            try:
+                rec = json.loads(raw.decode())
+                if not isinstance(rec, dict) or not isinstance(rec.get("files"), list):
+                    raise ValueError("not a commit record")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise StoreError(f"{self.uri}: the commit record {info.path} is unreadable ({e}); run "
+                                 f"`vitdecomp store check {self.uri}` and `vitdecomp store repair {self.uri}`") from None
+            out.append((info.path, rec))
+        return out
+
+    def _parquet_files(self, table: str) -> list[str]:
+        files: list[str] = []
+        for _, rec in self.commit_records():
+            gone = {self._p(r) for r in rec.get("remove", ())}
+            files = [f for f in files if f not in gone]
             files += [self._p(w["file"]) for w in rec["files"] if w.get("table", "contributions") == table]
         return files
 
@@ -303,6 +460,13 @@ class StoreBatch:
     readout: np.ndarray                # [b, d]
     teacher: Optional[np.ndarray] = None
     columns: dict = field(default_factory=dict)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """A torch tensor (any device, fp16/fp32/fp64) or array-like → numpy float32."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def open_store(uri: str, *, s3_endpoint: Optional[str] = None, s3_region: Optional[str] = None) -> Store:

@@ -1,0 +1,6 @@
+"""``python -m vitdecomp.cli`` = the ``vitdecomp`` command."""
+import sys
+
+from . import main
+
+sys.exit(main())
