@@ -224,6 +224,10 @@ def test_sigkill_mid_run_then_rerun_stores_every_image_once(tmp_path):
     assert sorted(ids) == sorted(valid)
     err_ids = st.errors().column("image_id").to_pylist()
     assert len(err_ids) == len(set(err_ids)) == N_BAD
+    from vitdecomp.store.maintenance import check_store
+
+    rep = check_store(st)                       # the killed run's uncommitted files were removed by the rerun
+    assert rep.ok and not rep.orphan_files, rep.lines()
 
 
 @pytest.mark.slow

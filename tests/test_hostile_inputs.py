@@ -309,3 +309,39 @@ def test_decompose_job_on_a_hostile_folder(ray_local, tmp_path):
     s2 = run_decompose(cfg)
     assert (s2.written, s2.errors, st.count(), open_store(str(tmp_path / "store")).errors().num_rows) == \
         (0, 0, len(good), len(ERRORS))
+
+
+@pytest.mark.slow
+def test_decompose_job_on_a_hostile_table(ray_local, tmp_path):
+    """A table input with URIs and bytes: a bomb, garbage, a 16-bit PNG, a null URI, a missing file and a
+    repeated id (kept once with dedupe_ids) — every input accounted for, good rows stored once."""
+    from vitdecomp.pipeline import run_decompose
+    from vitdecomp.store import open_store
+
+    def png(arr, mode=None):
+        buf = io.BytesIO()
+        (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(buf, "PNG")
+        return buf.getvalue()
+
+    good = png(np.full((20, 20, 3), 90, np.uint8))
+    on_disk = tmp_path / "disk.png"
+    on_disk.write_bytes(png(np.full((16, 16, 3), 200, np.uint8)))
+    rows = [("good", None, good), ("disk", str(on_disk), None), ("wide16", None, png(
+        (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150))),
+        ("bomb", None, bomb_png()), ("garbage", None, b"not an image at all"), ("nothing", None, None),
+        ("gone", str(tmp_path / "gone.png"), None), ("good", None, png(np.zeros((8, 8, 3), np.uint8)))]
+    t = pa.table({"image_id": [r[0] for r in rows], "uri": pa.array([r[1] for r in rows], pa.string()),
+                  "image": pa.array([r[2] for r in rows], pa.binary())})
+    pq.write_table(t, tmp_path / "t.parquet")
+    cfg = DecomposeConfig(input=str(tmp_path / "t.parquet"), output=str(tmp_path / "store"), model=MODEL,
+                          batch_size=3, commit_every=3, dedupe_ids=True)
+    s = run_decompose(cfg)
+    st = open_store(str(tmp_path / "store"))
+    assert sorted(st.ids()) == ["disk", "good", "wide16"]
+    errors = {e["image_id"]: e["reason"] for e in st.errors().to_pylist()}
+    assert set(errors) == {"bomb", "garbage", "nothing", "gone"}
+    assert errors["bomb"].startswith("rejected:") and errors["gone"].startswith("missing:")
+    assert (s.written, s.errors, s.skipped_by_rule, s.inputs) == (3, 4, 1, 8)
+    assert s.inputs == s.written + s.errors + s.skipped_by_rule
+    s2 = run_decompose(cfg)
+    assert (s2.written, s2.errors) == (0, 0) and open_store(str(tmp_path / "store")).count() == 3

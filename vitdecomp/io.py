@@ -56,6 +56,8 @@ class S3Settings:
         opts: dict[str, str] = {}
         if self.endpoint:
             opts["aws_endpoint"] = self.endpoint
+            # Lance reads $AWS_ENDPOINT_URL_S3 into this key, which outranks aws_endpoint: pin both
+            opts["aws_endpoint_url_s3"] = self.endpoint
             if self.endpoint.startswith("http://"):
                 opts["aws_allow_http"] = "true"
         if self.region:

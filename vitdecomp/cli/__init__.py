@@ -53,6 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("vitdecomp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     command = " ".join(x for x in (args.command, getattr(args, "fit", None), getattr(args, "query", None),
                                    getattr(args, "benchmark", None), getattr(args, "store_command", None)) if x)
+    if args.command in ("decompose", "fit", "query", "demo", "benchmark"):
+        import importlib
+
+        importlib.import_module("vitdecomp.toyworld")      # the built-in world's model names (demo stores)
     try:
         rc = args.func(args)
     except VitdecompError as e:

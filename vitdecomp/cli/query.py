@@ -110,6 +110,9 @@ def retrieve(cfg: RetrieveConfig) -> int:
     print(f"retrieve: property {cfg.property!r} via {r['components']}; top {r['table'].num_rows} images for "
           f"{r['probe']} ({r['search']}) -> {cfg.out}/retrieval.parquet" + (f", {r['sheet']}" if r["sheet"] else "")
           + f", {r['report']}")
+    if r["unreadable_tiles"]:
+        print(f"retrieve: {len(r['unreadable_tiles'])} of {r['table'].num_rows} images could not be read for the "
+              f"contact sheet (crossed out); first: {r['unreadable_tiles'][0][0]}: {r['unreadable_tiles'][0][1]}")
     return 0
 
 

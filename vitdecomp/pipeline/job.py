@@ -4,7 +4,7 @@ Pipeline (one streaming Ray Data execution)::
 
     source reader → decode + preprocess (CPU tasks, the model's own transforms)
       → DecomposeWorker (actor pool: loads the model once; GPU when the cluster has one)
-      → write_block (tasks: Lance fragments via lance-ray, or Parquet files) → driver commits
+      → write_block (tasks: uncommitted Lance fragments or Parquet files, Store.write_uncommitted) → driver commits
 
 The driver commits what the writers produced every ``--commit-every`` images (error rows first,
 then data). Work that is cut off leaves only uncommitted files, so a rerun — which skips every

@@ -13,6 +13,11 @@ Rows become visible only when committed: a Lance ``Append`` of the fragments tha
 wrote, or (Parquet) a commit record listing the data files. Files written by work that was cut
 off are never committed, so a rerun never sees a row twice.
 
+Without Ray, :meth:`Store.create` (from a :class:`~vitdecomp.store.manifest.Manifest`) and
+:meth:`Store.append` (one :class:`vitdecomp.engine.Decomposition` chunk, committed atomically) write
+a store through the same row builder (:func:`~vitdecomp.store.schema.rows_table`), file writer
+(:meth:`Store.write_uncommitted`) and commit (:meth:`Store.commit`) as the decompose job.
+
 Columns: ``image_id`` (stable key from the source), ``uri``, pass-through columns, ``readout``,
 one ``fixed_size_list<dtype>[d]`` column per component (``c_`` + the name with dots as ``_``; the
 manifest maps names to columns), ``teacher`` (optional, L2-normalised teacher image embedding).
