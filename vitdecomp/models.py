@@ -34,6 +34,17 @@ def register_extension(module: str) -> None:
         _EXTENSIONS.append(module)
 
 
+def import_extensions(manifest) -> None:
+    """Import the modules that registered the architectures of a store's models (recorded in its
+    manifest), e.g. ``vitdecomp.toyworld``. Only vitdecomp's own modules are imported: a manifest is
+    data and never chooses code to run."""
+    import importlib
+
+    for module in ((manifest.get("package") or {}).get("extensions") or ()):
+        if isinstance(module, str) and (module == "vitdecomp" or module.startswith("vitdecomp.")):
+            importlib.import_module(module)
+
+
 def extension_modules() -> tuple[str, ...]:
     """Modules that registered architectures in this process (see :func:`register_extension`)."""
     return tuple(_EXTENSIONS)
@@ -386,6 +397,7 @@ def reference_layout(key: str) -> ReferenceLayout:
 def rebuild_model(manifest: dict, checkpoint: Optional[str] = None, device: str = "cpu"):
     """The store's model exactly as the decompose job built it (weights tag or checkpoint with the
     recorded SHA-256; random-init models from the recorded seed) — same preprocessing."""
+    import_extensions(manifest)
     mm = manifest["model"]
     want_sha = mm.get("checkpoint_sha256")
     if want_sha and not checkpoint:

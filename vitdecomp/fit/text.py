@@ -109,8 +109,10 @@ def encode_texts(lm, texts: Sequence[str], *, use_templates: bool = True, batch_
 def resolve_text_model(st, aligner, options: TextModelOptions, what: str):
     """The open_clip model whose text tower shares the contributions' CLIP space: the store's own CLIP,
     or the aligner's teacher (weights as recorded; random-init models from the recorded seed)."""
-    from ..models import load_model
+    from ..models import import_extensions, load_model
     from .compalign import check_compatible
+
+    import_extensions(st.manifest)
 
     clip, clip_pretrained, clip_checkpoint = options.clip, options.clip_pretrained, options.clip_checkpoint
 

@@ -306,6 +306,7 @@ class Manifest:
             created: UTC time stamp (default: now).
         """
         from ..config import DecomposeOptions, parse_blocks
+        from ..models import extension_modules
         from ..version import __version__
 
         options = DecomposeOptions() if options is None else options
@@ -336,7 +337,8 @@ class Manifest:
             dtype=getattr(options, "dtype", "fp16"),
             passthrough=tuple(f"{f.name}:{f.type}" for f in passthrough),
             source={"kind": source_kind},
-            package={"vitdecomp": __version__},
+            package={"vitdecomp": __version__, **({"extensions": list(extension_modules())}
+                                                  if extension_modules() else {})},
             created=created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             passthrough_schema=passthrough,
         )
