@@ -118,3 +118,39 @@ def test_compattribute_array_path_equals_store_path(tmp_path):
         vd.query.compattribute(c, properties={"x": np.ones((1, 8))}, names=names)
     with pytest.raises(InputError, match="unknown component 'blocks.9.mlp'"):
         vd.query.compattribute(c, properties=props, names=names, components=["blocks.9.mlp"])
+
+
+def test_a_subset_of_components_is_scored_against_the_total_of_all(tmp_path):
+    """SPEC §6: s_a is ⟨Σ_j c_j, q_a⟩ over every component, also when only some are scored — on arrays,
+    on a store (its readout) in this process and with Ray, and through an aligner (every mapped one)."""
+    import vitdecomp as vd
+    from jobutil import synthetic_components, write_store
+    from vitdecomp.fit.compalign import Aligner
+
+    rng = np.random.default_rng(3)
+    comps = synthetic_components(blocks=2, heads=2)            # 7 components
+    c = rng.normal(size=(60, len(comps), 8))
+    E = rng.normal(size=(2, 8))
+    Q = basis(E)
+    names = [x.name for x in comps]
+    pick = [names[1], names[4]]
+    idx = [1, 4]
+    want = direct(c, Q)[idx]                                  # the total over all seven
+    assert not np.allclose(want, direct(c[:, idx], Q), atol=1e-3)   # (the subset's own total differs)
+    _, sc, got = vd.query.compattribute(c, properties={"p": E}, names=names, components=pick)
+    assert got == pick
+    np.testing.assert_allclose(sc[:, 0], want, atol=1e-12)
+    path = write_store(tmp_path / "s", c.astype(np.float32), comps)
+    st = vd.open_store(path)
+    c32 = c.astype(np.float32).astype(np.float64)
+    want32 = direct(c32, Q)[idx]
+    for distributed in (False, True):
+        _, sc, _ = vd.query.compattribute(st, properties={"p": E}, components=pick, distributed=distributed)
+        np.testing.assert_allclose(sc[:, 0], want32, atol=1e-5)
+    import torch
+
+    A = torch.tensor(rng.normal(size=(len(comps), 8, 8)), dtype=torch.float32)
+    al = Aligner(names, A, torch.zeros(8), {})
+    mapped = np.einsum("kod,nkd->nko", A.double().numpy(), c32)
+    _, sc, _ = vd.query.compattribute(st, properties={"p": E}, components=pick, aligner=al, distributed=False)
+    np.testing.assert_allclose(sc[:, 0], direct(mapped, Q)[idx], atol=1e-5)

@@ -64,10 +64,12 @@ class Sums:
     sp: np.ndarray     # [K, A]
 
     @classmethod
-    def of(cls, contributions: np.ndarray, directions: np.ndarray) -> "Sums":
+    def of(cls, contributions: np.ndarray, directions: np.ndarray, total: Optional[np.ndarray] = None) -> "Sums":
+        """``contributions [b, K, d]`` of the scored components; ``total [b, d]``: the sum over *every*
+        component (SPEC §6's ``Σ_j c_j``) when only some are scored (default: their sum)."""
         c = np.asarray(contributions, np.float64)
         proj = np.einsum("bkd,ad->bka", c, directions)          # p_ka(x)
-        tot = proj.sum(1)                                        # s_a(x) (projection is linear)
+        tot = proj.sum(1) if total is None else np.asarray(total, np.float64) @ directions.T   # s_a(x)
         return cls(c.shape[0], tot.sum(0), (tot ** 2).sum(0), proj.sum(0), (proj ** 2).sum(0),
                    np.einsum("ba,bka->ka", tot, proj))
 
@@ -126,7 +128,8 @@ def compattribute(store: ContributionSource, clip=None,
             properties given as descriptions; not needed when every property is given as embeddings.
         properties: ``{name: [descriptions…]}`` or ``{name: embeddings [p, d]}`` (the QR order is the
             given order); default: :data:`DEFAULT_PROPERTIES`.
-        components: the components to score (default: all, or the aligner's); ``s_a`` is the total of these.
+        components: the components to score (default: all, or the aligner's); ``s_a`` is always the
+            total over every component (the readout; with an aligner, the sum of every mapped component).
         aligner: a CompAlign aligner mapping the contributions into its teacher's CLIP space first.
         distributed: a store's sums with Ray Data (without an aligner or ``ids``); else in this process.
         ids: a store's rows to use (e.g. a validation split).
@@ -154,15 +157,19 @@ def compattribute(store: ContributionSource, clip=None,
                 raise InputError(f"the aligner has no map for {missing[:3]} (it maps {len(aligner.names)} "
                                  f"components, e.g. {aligner.names[:3]})")
             x = aligner.subset(all_names).apply(x).astype(np.float64)
+    x_total, idx = None, None
     if components is not None:
         from ..engine.names import select
 
         idx = select(all_names, list(components))
         names = [all_names[i] for i in idx]
+        if x is not None and len(names) < len(all_names):
+            x_total = x.sum(1)                                    # s_a: the total over every component
         if x is not None:
             x = x[:, idx]
     else:
         names = all_names
+    subset = len(names) < len(all_names)
     bases = {str(p): basis(_property_embeddings(p, d, clip, cache_dir)) for p, d in properties.items()}
     dirs = np.concatenate(list(bases.values()))
     sizes = [len(b) for b in bases.values()]
@@ -174,16 +181,21 @@ def compattribute(store: ContributionSource, clip=None,
     sums = None
     if x is not None:
         for s0 in range(0, x.shape[0], batch_size):
-            s = Sums.of(x[s0:s0 + batch_size], dirs)
+            s = Sums.of(x[s0:s0 + batch_size], dirs, None if x_total is None else x_total[s0:s0 + batch_size])
             sums = s if sums is None else sums + s
         if sums is None:
             raise InputError("CompAttribute: the array of contributions holds no images")
     elif distributed and aligner is None and ids is None:
-        sums = _distributed_sums(store, names, dirs, batch_size)
+        sums = _distributed_sums(store, names, dirs, batch_size, with_readout=subset)
+    elif aligner is not None and subset:                           # the total needs every mapped component
+        for b in aligned_batches(store, aligner, components=all_names, batch_size=batch_size, dtype=np.float64,
+                                 ids=ids):
+            s = Sums.of(b.contributions[:, idx], dirs, b.contributions.sum(1))
+            sums = s if sums is None else sums + s
     else:
         for b in aligned_batches(store, aligner, components=names, batch_size=batch_size, dtype=np.float64,
-                                    ids=ids):
-            s = Sums.of(b.contributions, dirs)
+                                 ids=ids):
+            s = Sums.of(b.contributions, dirs, b.readout if subset else None)
             sums = s if sums is None else sums + s
     if sums is None:
         raise InputError(f"{store.uri} holds no rows")
@@ -219,7 +231,7 @@ def _property_embeddings(name, value, clip, cache_dir: Optional[str]) -> np.ndar
     return encode_texts(clip, texts, cache_dir=cache_dir)
 
 
-def _distributed_sums(store, names, dirs, batch_size) -> Sums:
+def _distributed_sums(store, names, dirs, batch_size, with_readout: bool = False) -> Sums:
     import io
 
     import pyarrow as pa
@@ -230,13 +242,13 @@ def _distributed_sums(store, names, dirs, batch_size) -> Sums:
 
     def block(t: pa.Table) -> pa.Table:
         x = np.stack([arrow_to_vectors(t.column(c), np.float64) for c in cols], 1)
-        s = Sums.of(x, dirs)
+        s = Sums.of(x, dirs, arrow_to_vectors(t.column("readout"), np.float64) if with_readout else None)
         buf = io.BytesIO()
         np.savez(buf, n=np.array(s.n), s=s.s, s2=s.s2, p=s.p, p2=s.p2, sp=s.sp)
         return pa.table({"sums": pa.array([buf.getvalue()], pa.large_binary())})
 
     total = None
-    for row in store.to_ray(columns=cols).map_batches(block, batch_format="pyarrow", batch_size=batch_size).iter_rows():
+    for row in store.to_ray(columns=cols + (["readout"] if with_readout else [])).map_batches(block, batch_format="pyarrow", batch_size=batch_size).iter_rows():
         z = np.load(io.BytesIO(row["sums"]))
         s = Sums(int(z["n"]), z["s"], z["s2"], z["p"], z["p2"], z["sp"])
         total = s if total is None else total + s
