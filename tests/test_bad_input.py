@@ -220,3 +220,18 @@ def test_one_cpu_instance_does_not_hang(tmp_path):
     r = _cli(["decompose", "--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "s"), "--model", MODEL,
               "--num-cpus", "1", "--batch-size", "4"], timeout=400)
     assert r.returncode == 0 and "6 images written" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+def test_resources_no_local_node_offers_fail_fast_with_what_it_offers(caplog):
+    from vitdecomp.config import DecomposeConfig, OptionError
+    from vitdecomp.pipeline.job import _check_resources
+
+    offered = {"CPU": 2.0, "memory": 1e9, "object_store_memory": 1e8, "node:127.0.0.1": 1.0, "decode": 4.0}
+    cfg = DecomposeConfig(input="x", output="y", model=MODEL, worker_resources='{"gpu_pool": 1}',
+                          decode_resources='{"decode": 1}')
+    with pytest.raises(OptionError, match=r"worker_resources: no node .* offers \{'gpu_pool': 1.0\}; it offers "
+                                          r"\{'decode': 4.0\} \(CPU 2, GPU 0\)"):
+        _check_resources(cfg, offered, fixed=True)
+    _check_resources(cfg, offered, fixed=False)                  # a cluster may scale: a warning only
+    assert "gpu_pool" in caplog.text
+    _check_resources(cfg.replace(worker_resources=None), offered, fixed=True)   # what is offered passes

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vitdecomp.config import AlignConfig
+from vitdecomp.errors import InputError
 from vitdecomp.fit.compalign import Aligner, fit, in_validation, ortho_penalty
 
 
@@ -66,3 +67,26 @@ def test_orthogonality_penalty_against_hand_formula_and_split():
     assert float(ortho_penalty(2 * q[None])) == pytest.approx(9.0 * 5 / 5, rel=1e-12)   # ‖4I − I‖² = 9·dt
     frac = np.mean([in_validation(f"x{i}", 0.2) for i in range(5000)])
     assert 0.17 < frac < 0.23 and in_validation("x1", 0.2) == in_validation("x1", 0.2)
+
+
+def test_aligner_applies_to_store_batches(tmp_path):
+    """``aligner.apply(store.iter_batches(...))`` maps each batch exactly as ``aligned_batches`` does."""
+    import vitdecomp as vd
+    from jobutil import synthetic_components, write_store
+
+    comps = synthetic_components(blocks=1, heads=2)
+    names = [c.name for c in comps]
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(10, len(comps), 8)).astype(np.float32)
+    st = vd.open_store(write_store(tmp_path / "s", c, comps))
+    A = torch.tensor(rng.normal(size=(len(comps), 4, 8)), dtype=torch.float32)
+    al = Aligner(names, A, torch.arange(4, dtype=torch.float32), {})
+    got = list(al.apply(st.iter_batches(components=names, batch_size=4)))
+    ref = list(vd.fit.aligned_batches(st, al, batch_size=4))
+    assert [b.ids for b in got] == [b.ids for b in ref]
+    want = np.einsum("kod,bkd->bko", A.numpy(), c[[int(i[3:]) for i in got[0].ids]]) + np.arange(4) / len(names)
+    np.testing.assert_allclose(got[0].contributions, want, atol=1e-5)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g.contributions, r.contributions, atol=1e-6)
+    with pytest.raises(InputError, match="components=aligner.names"):
+        next(al.apply(st.iter_batches(components=names[:2])))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -38,7 +37,14 @@ class Trap:
 
 
 @pytest.mark.slow
-def test_every_job_uses_the_given_s3_endpoint_never_the_environment_one(tmp_path):
+def test_every_job_uses_the_given_s3_endpoint_never_the_environment_one(tmp_path, monkeypatch):
+    """The decompose job runs as a subprocess (its Ray workers inherit the trap in their environment);
+    retrieve (contact sheet, Lance index, report) and TextSpan run in this process with the same
+    environment."""
+    from vitdecomp.config import RetrieveConfig, TextSpanConfig
+    from vitdecomp.fit.jobs import run_textspan
+    from vitdecomp.query.jobs import run_retrieve
+
     s3 = MotoS3()
     trap = Trap()
     try:
@@ -49,22 +55,24 @@ def test_every_job_uses_the_given_s3_endpoint_never_the_environment_one(tmp_path
         for rel, data in valid.items():
             c.put_object(Bucket="corpus", Key=f"imgs/{rel}", Body=data)
         env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{trap.port}", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{trap.port}"}
-        ep = ["--s3-endpoint", s3.endpoint]
-        runs = [
-            ["decompose.py", "--input", "s3://corpus/imgs", "--output", "s3://stores/clip", "--model",
-             "open_clip:vitdecomp-toy-clip", "--batch-size", "4", "--num-cpus", "2", *ep],
-            ["query.py", "retrieve", "--store", "s3://stores/clip", "--out", "s3://outputs/q", "--property", "color",
-             "--text", "red color", "--top-images", "4", "--cache-dir", str(tmp_path / "cache"), *ep],
-            ["query.py", "report", "--out", "s3://outputs/q", *ep],
-            ["fit.py", "textspan", "--store", "s3://stores/clip", "--out", "s3://outputs/ts", "--texts-per-head", "2",
-             "--rank", "8", "--last-layers", "1", "--no-distributed", "--cache-dir", str(tmp_path / "cache"), *ep],
-        ]
-        for args in runs:
-            p = run_cli(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            out, _ = p.communicate(timeout=600)
-            assert p.returncode == 0, (args[:2], out[-3000:])
+        p = run_cli(["decompose.py", "--input", "s3://corpus/imgs", "--output", "s3://stores/clip", "--model",
+                     "open_clip:vitdecomp-toy-clip", "--batch-size", "4", "--num-cpus", "2",
+                     "--s3-endpoint", s3.endpoint], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        common = dict(store="s3://stores/clip", s3_endpoint=s3.endpoint, cache_dir=str(tmp_path / "cache"))
+        r = run_retrieve(RetrieveConfig(out="s3://outputs/q", property="color", text="red color", top_images=4,
+                                        **common))
+        assert not r["unreadable_tiles"]
+        r = run_retrieve(RetrieveConfig(out="s3://outputs/qi", property="color", image_ids=[sorted(valid)[0]],
+                                        index="lance", top_images=3, **common))
+        run_textspan(TextSpanConfig(out="s3://outputs/ts", texts_per_head=2, rank=8, last_layers=1,
+                                    distributed=False, **common))
         keys = {o["Key"] for o in c.list_objects_v2(Bucket="outputs").get("Contents", [])}
-        assert {"q/retrieval.parquet", "q/retrieval.png", "q/report.html", "ts/textspan.parquet"} <= keys, keys
+        assert {"q/retrieval.parquet", "q/retrieval.png", "q/report.html", "qi/retrieval.parquet",
+                "ts/textspan.parquet"} <= keys, keys
         assert trap.hits == 0, f"{trap.hits} connections went to the endpoint from the environment"
     finally:
         trap.close()

@@ -174,7 +174,8 @@ def test_two_runs_at_once_store_every_image_once(tmp_path, fmt):
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_on_s3_store_every_image_once(tmp_path):
+@pytest.mark.parametrize("fmt", ["lance", "parquet"])
+def test_two_runs_at_once_on_s3_store_every_image_once(tmp_path, fmt):
     src = tmp_path / "imgs"
     valid = make_images(src, n=24, corrupt=False)
     s3 = MotoS3()
@@ -182,7 +183,7 @@ def test_two_runs_at_once_on_s3_store_every_image_once(tmp_path):
         s3.client().create_bucket(Bucket="stores")
         out = "s3://stores/concurrent"
         extra = ["--s3-endpoint", s3.endpoint]
-        procs = [run_cli(_decompose_args(src, out, "lance", extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        procs = [run_cli(_decompose_args(src, out, fmt, extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True) for _ in range(2)]
         outs = [p.communicate(timeout=600)[0] for p in procs]
         codes = sorted(p.returncode for p in procs)

@@ -10,6 +10,7 @@ import statistics
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .engine import components_for, decompose, plan_for
@@ -192,7 +193,6 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
     """Decompose job vs a readout-only job on the same images; memory at N and scale·N; bytes per image."""
     import tempfile
 
-    import numpy as np
     import ray
     from PIL import Image
 
@@ -243,8 +243,6 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
 
 # ----------------------------------------------------------------------------------- toy world
 def _decompose_split(lm, world: str, split: str, batch: int = 256):
-    import numpy as np
-
     from .toyworld.train import load_images
 
     x, rows = load_images(world, split, lm.transform)
@@ -255,7 +253,6 @@ def _decompose_split(lm, world: str, split: str, batch: int = 256):
 def _aligned_background_ranking(clf, clip, world: str, cv, names, cache_dir: Optional[str] = None) -> np.ndarray:
     """CompAttribute(world background) − CompAttribute(world color) per classifier component on the
     validation split, through a CompAlign aligner fitted on the training split (toy CLIP teacher)."""
-    import numpy as np
     import torch.nn.functional as F
 
     from .config import AlignConfig
@@ -292,8 +289,6 @@ def spurious_ablation(clf, world: str, ks=(5, 8), clip=None, cache_dir: Optional
     With the toy ``clip``, also the published ranking, CompAttribute(background) − CompAttribute(colour)
     through a CompAlign aligner, and how both rankings compare with the components whose ablation
     alone raises validation worst-group accuracy most ("the ones whose ablation does it")."""
-    import numpy as np
-
     W = clf.model.head.weight.detach().numpy().astype(np.float64)
     b = clf.model.head.bias.detach().numpy().astype(np.float64)
     cv, rv = _decompose_split(clf, world, "val")
@@ -352,8 +347,6 @@ def spurious_ablation(clf, world: str, ks=(5, 8), clip=None, cache_dir: Optional
 
 def toyworld(seeds: int = 3, ks=(5, 8), workdir: str = ".vitdecomp-demo") -> dict:
     """Planted-truth figures of the toy world (a finding to report, not a target to tune towards)."""
-    import numpy as np
-
     from .fit.textspan import Moments, textspan_one
     from .fit.text import encode_texts
     from .toyworld.generate import COLOR_NAMES, SCENES, SHAPES, TEXTURES, WorldConfig, generate, vocabulary_pool

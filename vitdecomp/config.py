@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from .errors import InputError
@@ -359,6 +359,7 @@ class DecomposeConfig(DecomposeOptions, S3Options):
     max_pixels: Optional[int] = None   # images declaring more pixels are refused (None: Pillow's default limit)
     alpha_background: str = "white"    # colour transparent pixels are composited on (name or '#rrggbb')
     dedupe_ids: bool = False           # table input: keep the first row of each duplicate id (else refuse)
+    isolate_decoding: bool = True      # decode in a child process: an input that crashes the decoder is an error row
 
     def validate(self) -> None:
         super().validate()

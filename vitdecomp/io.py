@@ -417,3 +417,31 @@ def write_bytes(uri: str, data: bytes, s3: Optional[S3Settings] = None) -> str:
     """Write one file at ``uri`` (local path or ``s3://``) atomically; returns ``uri`` as written."""
     parent, name = split(uri)
     return open_output(parent, s3).write_bytes(name, data)
+
+
+# --------------------------------------------------------------------------------- artefacts
+def save_artefact(path: str, tensors: dict, meta: dict, s3: Optional[S3Settings] = None) -> str:
+    """Write ``<path>.safetensors`` (``tensors``: name → torch tensor) and ``<path>.json`` (``meta``),
+    each atomically, locally or on ``s3://``; returns ``path`` without extension."""
+    from safetensors.torch import save
+
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    parent, name = split(base)
+    out = open_output(parent, s3)
+    out.makedirs()
+    out.write_bytes(name + ".safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+    out.write_json(name + ".json", meta, sort_keys=True)
+    return base
+
+
+def load_artefact(path: str, what: str, s3: Optional[S3Settings] = None) -> tuple[dict, dict]:
+    """The ``(tensors, meta)`` :func:`save_artefact` wrote at ``path`` (with or without extension);
+    never unpickles. ``what`` names the artefact and how to make one, for the error."""
+    from safetensors.torch import load
+
+    base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    base = base[:-len(".json")] if base.endswith(".json") else base
+    try:
+        return load(read_bytes(base + ".safetensors", s3)), json.loads(read_bytes(base + ".json", s3))
+    except FileNotFoundError as e:
+        raise InputError(f"no {what} at {base}(.safetensors|.json): {e}") from None

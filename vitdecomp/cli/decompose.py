@@ -48,6 +48,9 @@ HELP = {
     "alpha_background": "colour transparent pixels are composited on: a colour name or '#rrggbb' (default white)",
     "dedupe_ids": "table input: keep the first row of each duplicate id and drop rows without an id (counted as "
                   "skipped by rule) instead of refusing the table",
+    "isolate_decoding": "decode each block in a child process so that an input that crashes the decoder becomes an "
+                        "error row instead of stopping the job; --no-isolate-decoding decodes in the task itself "
+                        "(slightly faster)",
 }
 
 

@@ -33,39 +33,7 @@ HELP = {
 
 
 
-PROBE_HELP = {k: v for k, v in {
-
-    "store": "the store written by `vitdecomp decompose`", "out": "output directory",
-    "label_column": "store column with each image's class (a pass-through column of the decompose input)",
-    "class_names": "class names in label order (zero-shot: the texts; default: the label column's sorted values)",
-    "head": "classifier: zeroshot (CLIP store, or --aligner), probe (linear probe on the readouts), model "
-            "(the model's own linear head); default zeroshot for CLIP/aligned stores, else probe",
-    "probe": "a probe fitted with `vitdecomp fit probe` (default: fit one on the fit rows and save it in --out)",
-    "checkpoint": "--head model: the local checkpoint the store was made from",
-    "aligner": "CompAlign artefact (zero-shot head and CompAttribute for a non-CLIP store)",
-    "clip": "open_clip text model (default: the store's CLIP or the aligner's teacher)",
-    "clip_pretrained": "its weights tag", "clip_checkpoint": "its local weights file",
-    "cache_dir": "text-embedding cache", "s3_endpoint": "S3-compatible endpoint for s3:// stores",
-    "split_column": "store column naming each row's split (default: a hash split of the ids)",
-    "eval_split": "values of --split-column where accuracy is measured",
-    "fit_split": "values of --split-column where components are ranked and means taken (mitigate), or the "
-                 "probe is fitted (default for ablate: every row outside --eval-split)",
-    "order": "ablate: cumulative order, reverse (from the last layer) or forward",
-    "kinds": "ablate: component kinds with a curve each (all attn mlp conv)",
-    "group_column": "mitigate: the spurious attribute (groups are label × this column)",
-    "spurious": "mitigate: the spurious property's name (a default, 'Waterbirds spurious', or one from --properties)",
-    "core": "mitigate: the core property's name (e.g. 'Waterbirds core')",
-    "properties": "YAML/JSON name: [descriptions…] added to the defaults",
-    "k": "mitigate: how many components to mean-ablate (default 10)",
-    "ranking": "mitigate: compattribute (SPEC §7: spurious − core) or signed (SPEC §8: signed logit push towards the "
-               "class the group predicts; needs labels on the fit rows)",
-    "protocol": "mitigate: heldout (choose on --fit-split, evaluate on --eval-split) or same-pool (the published "
-                "protocol: choose and evaluate on the same rows)",
-    "val_fraction": "without --split-column: fraction of ids (by hash) used to choose components",
-    "random_draws": "mitigate: random k-sets averaged as a control (0: none)", "seed": "random seed",
-    "name": "mitigate: output file and report-section name (several runs can share one --out)",
-    "l2": "probe: L2 penalty on the standardised weights", "max_rows": "probe: at most this many rows (sampled)",
-}.items()}
+from .query import ABLATION_HELP as PROBE_HELP  # noqa: E402  (the probe shares the ablation options)
 
 
 def compalign(cfg: CompAlignConfig) -> int:

@@ -332,7 +332,6 @@ def decompose(
 
 def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention, normalize, grid) -> Decomposition:
     dtype, dev = ctx.dtype, z.device
-    B = z.shape[0]
 
     def gain(g: Optional[Tensor]) -> Tensor:
         return torch.ones((), dtype=dtype, device=dev) if g is None else g.to(dtype)

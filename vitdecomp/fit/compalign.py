@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import AlignConfig
 from ..errors import InputError
-from ..io import S3Settings, open_output, read_bytes, split
+from ..io import S3Settings, load_artefact, save_artefact
 from ..store.manifest import manifest_hash
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,20 @@ class Aligner:
     bias: torch.Tensor            # [d_t], split evenly over components
     meta: dict = field(default_factory=dict)
 
-    def apply(self, contributions) -> np.ndarray:
-        """``[b, K, d]`` → ``[b, K, d_t]`` (each component mapped, with its bias share)."""
+    def apply(self, contributions):
+        """``[b, K, d]`` → ``[b, K, d_t]`` (each component mapped, with its bias share). Also maps a
+        store batch (its ``names`` must be the aligner's, in order) or an iterable of them —
+        ``aligner.apply(store.iter_batches(components=aligner.names))`` yields aligned batches; see
+        :func:`aligned_batches` for any subset of components."""
+        if hasattr(contributions, "contributions") and hasattr(contributions, "names"):
+            b = contributions
+            if list(b.names) != list(self.names):
+                raise InputError(f"the batch holds components {list(b.names)[:3]}…, the aligner maps "
+                                 f"{self.names[:3]}…: read them with components=aligner.names, or use aligned_batches")
+            return dataclasses.replace(b, contributions=self.apply(b.contributions).astype(b.contributions.dtype,
+                                                                                            copy=False))
+        if not hasattr(contributions, "shape") and not isinstance(contributions, (list, tuple)):
+            return (self.apply(b) for b in contributions)          # an iterator of store batches
         c = torch.as_tensor(np.asarray(contributions), dtype=torch.float32)
         out = torch.einsum("kod,bkd->bko", self.maps, c) + self.bias / len(self.names)
         return out.numpy()
@@ -54,28 +65,12 @@ class Aligner:
     def save(self, path: str, s3: Optional[S3Settings] = None) -> str:
         """Write ``<path>.safetensors`` and ``<path>.json`` (``path`` local or ``s3://``, written
         atomically with the job's S3 settings ``s3``); returns ``path`` without extension."""
-        from safetensors.torch import save
-
-        base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        parent, name = split(base)
-        out = open_output(parent, s3)
-        out.makedirs()
-        out.write_bytes(name + ".safetensors", save({"maps": self.maps.contiguous(), "bias": self.bias.contiguous()}))
-        out.write_json(name + ".json", {"components": self.names, **self.meta}, sort_keys=True)
-        return base
+        return save_artefact(path, {"maps": self.maps, "bias": self.bias}, {"components": self.names, **self.meta}, s3)
 
     @classmethod
     def load(cls, path: str, s3: Optional[S3Settings] = None) -> "Aligner":
         """The artefact :meth:`save` wrote at ``path`` (with or without extension; local or ``s3://``)."""
-        from safetensors.torch import load
-
-        base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        base = base[:-len(".json")] if base.endswith(".json") else base
-        try:
-            t = load(read_bytes(base + ".safetensors", s3))
-            meta = json.loads(read_bytes(base + ".json", s3))
-        except FileNotFoundError as e:
-            raise InputError(f"no CompAlign artefact at {base}(.safetensors|.json): {e}") from None
+        t, meta = load_artefact(path, "CompAlign artefact (fit one with `vitdecomp fit compalign`)", s3)
         return cls(meta.pop("components"), t["maps"], t["bias"], meta)
 
 

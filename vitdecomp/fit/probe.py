@@ -2,7 +2,6 @@
 classifier, or a linear probe fitted on the stored readouts (multinomial logistic regression)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from ..config import OptionError
 from ..errors import InputError
-from ..io import S3Settings, open_output, read_bytes, split
+from ..io import S3Settings, load_artefact, save_artefact
 from ..store.splits import check_column
 
 
@@ -33,30 +32,14 @@ class LinearHead:
         """Write ``<path>.safetensors`` and ``<path>.json`` (``path`` local or ``s3://``, written
         atomically with the job's S3 settings ``s3``); returns ``path`` without extension."""
         import torch
-        from safetensors.torch import save
 
-        base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        parent, name = split(base)
-        out = open_output(parent, s3)
-        out.makedirs()
-        out.write_bytes(name + ".safetensors", save({"W": torch.as_tensor(self.W).contiguous(),
-                                                     "b": torch.as_tensor(self.b).contiguous()}))
-        out.write_json(name + ".json", {"kind": self.kind, "classes": self.classes, "space": self.space, **self.meta})
-        return base
+        return save_artefact(path, {"W": torch.as_tensor(self.W), "b": torch.as_tensor(self.b)},
+                             {"kind": self.kind, "classes": self.classes, "space": self.space, **self.meta}, s3)
 
     @classmethod
     def load(cls, path: str, s3: Optional[S3Settings] = None) -> "LinearHead":
         """The head :meth:`save` wrote at ``path`` (with or without extension; local or ``s3://``)."""
-        from safetensors.torch import load
-
-        base = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
-        base = base[:-len(".json")] if base.endswith(".json") else base
-        try:
-            t = load(read_bytes(base + ".safetensors", s3))
-            meta = json.loads(read_bytes(base + ".json", s3))
-        except FileNotFoundError as e:
-            raise InputError(f"no linear head at {base}(.safetensors|.json); fit one with `vitdecomp fit probe` "
-                             f"({e})") from None
+        t, meta = load_artefact(path, "linear head (fit one with `vitdecomp fit probe`)", s3)
         return cls(meta.pop("kind"), meta.pop("classes"), t["W"].double().numpy(), t["b"].double().numpy(),
                    meta.pop("space", "native"), meta)
 

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import DecomposeConfig, parse_blocks
-from ..errors import InputError
 from ..store import Store, StoreError
 from ..store.lease import LEASE, Lease
 from ..store.manifest import Manifest
@@ -271,7 +270,8 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
                                      num_cpus=plan["decode"],
                                      fn_args=(lm.transform, teacher.transform if teacher else None, s3d),
                                      fn_kwargs={"max_pixels": cfg.max_pixels,
-                                                "alpha_background": cfg.alpha_background},
+                                                "alpha_background": cfg.alpha_background,
+                                                "isolate_decoding": cfg.isolate_decoding},
                                      max_retries=DECODE_MAX_RETRIES, **decode_kw)
     ds = ds.map_batches(DecomposeWorker, batch_format="pyarrow", batch_size=cfg.batch_size,
                         fn_constructor_args=(spec,), compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

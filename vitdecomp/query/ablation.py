@@ -9,9 +9,6 @@ store after one pass for the means.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,7 +18,6 @@ from ..errors import InputError
 from ..fit.compalign import aligned_batches
 from ..fit.probe import LinearHead, label_indices
 from ..store.splits import check_column
-from ..store.splits import select_ids  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------------ passes

@@ -25,18 +25,18 @@ image without foreground (or background) pixels and is left out of means.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..engine import names as N
+from ..config import OptionError
 from ..errors import InputError
 from ..io import figure_bytes
 from ..io import read_image  # noqa: F401  (re-exported: source images are read through the I/O layer)
@@ -59,7 +59,7 @@ def expand_components(model, components: Sequence[str], blocks=None) -> dict[str
 
     if not components:
         raise InputError("no components given: pass head names such as 'blocks.3.attn.head.0' or attention "
-                         "layers such as 'blocks.3.attn' (--components)")
+                         "layers such as 'blocks.3.attn'")
     heads = components_for(model, blocks=blocks, heads=True)
     layers = components_for(model, blocks=blocks, heads=False)
     known = list(dict.fromkeys([c.name for c in heads] + [c.name for c in layers]))
@@ -155,12 +155,12 @@ def token_heatmaps(lm, images: torch.Tensor, components: Sequence[str], directio
 def _classifier(lm) -> torch.nn.Linear:
     model = getattr(lm, "model", lm)
     if getattr(lm, "library", "timm") != "timm" or not hasattr(model, "get_classifier"):
-        raise InputError(f"{getattr(lm, 'name', type(model).__name__)} has no classifier head: --class-index needs a "
-                         "timm classifier; use --text for CLIP models")
+        raise InputError(f"{getattr(lm, 'name', type(model).__name__)} has no classifier head: a class index needs a "
+                         "timm classifier; project on a text for CLIP models")
     head = model.get_classifier()
     if not isinstance(head, torch.nn.Linear):
         raise InputError(f"{getattr(lm, 'name', '')}: the classifier head is {type(head).__name__}, not a Linear "
-                         "layer (num_classes=0?); --class-index needs a linear classifier")
+                         "layer (num_classes=0?); a class index needs a linear classifier")
     return head
 
 
@@ -170,7 +170,7 @@ def class_direction(lm, index: int) -> np.ndarray:
     head = _classifier(lm)
     k = int(index)
     if not 0 <= k < head.out_features:
-        raise InputError(f"--class-index {k} is out of range: the classifier has classes 0..{head.out_features - 1}")
+        raise OptionError("class_index", f"{k} is out of range: the classifier has classes 0..{head.out_features - 1}")
     return head.weight[k].detach().double().cpu().numpy()
 
 

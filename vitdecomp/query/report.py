@@ -126,7 +126,7 @@ def read_sections(out_dir: Union[str, OutputDir], s3: Optional[S3Settings] = Non
     files = out.list(SECTION_SUFFIX)
     if not files:
         raise ReportError(f"report: no *{SECTION_SUFFIX} in {out.uri()!r}; run a query subcommand "
-                          "with --out there first")
+                          "into that output directory first")
     sections, seen = [], {}
     for fn in files:
         sidecar = out.uri(fn)

@@ -42,9 +42,8 @@ import pyarrow.parquet as pq
 from ..engine.names import Component
 from ..errors import InputError, VitdecompError
 from ..io import S3Settings, is_s3, join, resolve, retry
-from .manifest import IDENTITY_FIELDS, MANIFEST, Manifest, components_from_json, components_to_json, manifest_diff
-from .schema import DTYPES, ERRORS_SCHEMA, RESERVED, arrow_to_vectors, column_for, contributions_schema, vector_type, vectors_to_arrow
-from .schema import rows_table
+from .manifest import MANIFEST, Manifest, components_from_json, manifest_diff
+from .schema import ERRORS_SCHEMA, arrow_to_vectors, column_for, rows_table
 
 log = logging.getLogger(__name__)
 

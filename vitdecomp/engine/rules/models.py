@@ -9,14 +9,13 @@ weights; see the README's support table).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from ...errors import InputError, UnsupportedModuleError
 from .registry import register_rule, rule_for
-from .affine import NormSpec, PostOp
+from .affine import PostOp
 from .blocks import BlockRule
 from .pool import Pooling
 
