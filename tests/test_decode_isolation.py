@@ -8,10 +8,10 @@ from __future__ import annotations
 import io
 import os
 import signal
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from PIL import Image
 
@@ -56,9 +56,9 @@ def png(size: tuple[int, int], colour=(10, 20, 30)) -> bytes:
     return buf.getvalue()
 
 
-def block(rows: dict[str, bytes], input_errors: dict[str, str] = {}) -> pa.Table:
+def block(rows: dict[str, Optional[bytes]], input_errors: Optional[dict[str, str]] = None) -> pa.Table:
     """A table as ``decode_block`` receives it (one row per input, in order)."""
-    ids = list(rows)
+    ids, input_errors = list(rows), input_errors or {}
     return pa.table({"image_id": ids, "uri": [f"/corpus/{k}.png" for k in ids],
                      "_bytes": pa.array([rows[k] for k in ids], pa.large_binary()),
                      "_input_error": pa.array([input_errors.get(k) for k in ids], pa.string())})

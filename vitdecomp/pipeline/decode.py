@@ -173,6 +173,44 @@ def _attach(segment: Optional[tuple[str, int]]) -> Optional[memoryview]:
     return _child_segment.buf[:size]
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _child_init(worker_pid: int) -> None:
+    """Runs first in the child: a watchdog thread ends the child as soon as the worker process that
+    owns it is gone (killed, or exited without its exit handlers: Ray kills a worker's own children,
+    not this grandchild), unlinking the worker's shared segment on the way."""
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(worker_pid)
+        except ProcessLookupError:
+            fd = None                                    # already gone
+        except (AttributeError, OSError):               # no pidfd here: poll
+            fd = None
+            while _alive(worker_pid):
+                time.sleep(1.0)
+        if fd is not None:
+            import select
+
+            select.select([fd], [], [])                 # readable once the worker has exited
+        if _child_segment is not None:                  # best effort (Linux); the worker owned it
+            try:
+                os.unlink(os.path.join("/dev/shm", _child_segment.name))
+            except OSError:
+                pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="vitdecomp-decode-watchdog", daemon=True).start()
+
+
 def _child_ping() -> int:
     """Runs in the child: proves that it started."""
     return os.getpid()
@@ -248,7 +286,8 @@ class _DecodeChild:
         # not import the main script (a Ray worker's main)
         ctx.set_forkserver_preload(preload)
         try:
-            pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_init,
+                                       initargs=(os.getpid(),))
         except Exception as e:  # noqa: BLE001
             raise DecodeIsolationError(f"could not create the decoding child process ({type(e).__name__}: {e}); "
                                        "pass --no-isolate-decoding to decode in the task itself") from e
