@@ -31,7 +31,6 @@ import vitdecomp as vd
 from jobutil import BAD, MotoS3, free_port, make_images
 from vitdecomp.config import DecomposeConfig
 from vitdecomp.config import OptionError
-from vitdecomp.errors import InputError
 from vitdecomp.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,6 +391,19 @@ def test_working_dir_upload_is_small_and_has_the_code(tmp_path):
 
 
 # ------------------------------------------------------------------ two Ray nodes on loopback + ray job submit
+_TAKEN: set[int] = set()
+
+
+def distinct_port() -> int:
+    """A free port not handed out before in this session (two ``free_port()`` calls can return the same
+    port once its probe socket is closed, and Ray refuses two components on one port)."""
+    while True:
+        p = free_port()
+        if p not in _TAKEN:
+            _TAKEN.add(p)
+            return p
+
+
 class LoopbackCluster:
     """A Ray head (127.0.0.2) and a second node (127.0.0.3) on this machine, each with its own custom
     resource, temp dir, ports and worker-port range. Every process is found again by a marker in its
@@ -402,12 +414,12 @@ class LoopbackCluster:
     def __init__(self):
         self.token = uuid.uuid4().hex
         self.tmp = Path(tempfile.mkdtemp(prefix="vdray-"))          # short: Ray's socket paths have a length limit
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = distinct_port(), distinct_port()
         # worker ports below the kernel's ephemeral range and above Ray's default 10002-19999
         base = random.Random(self.token).randrange(20000, 29800, 200)
         self.worker_ports = [(base, base + 99), (base + 100, base + 199)]
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
+                    "AUTOSCALER_METRIC_PORT": str(distinct_port()), "DASHBOARD_METRIC_PORT": str(distinct_port()),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     "VITDECOMP_TEST_CLUSTER": self.token, "HF_HUB_OFFLINE": "1"}
         self.env.pop("RAY_ADDRESS", None)
@@ -420,10 +432,10 @@ class LoopbackCluster:
     def _start(self, args: list[str], ip: str, ports: tuple[int, int], resources: dict, tmp: str) -> None:
         cmd = [self.ray, "start", f"--node-ip-address={ip}", "--num-cpus=2", "--object-store-memory=300000000",
                f"--resources={json.dumps(resources)}", f"--min-worker-port={ports[0]}", f"--max-worker-port={ports[1]}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}", "--disable-usage-stats", *args]
+               f"--dashboard-agent-listen-port={distinct_port()}", f"--dashboard-agent-grpc-port={distinct_port()}",
+               f"--runtime-env-agent-port={distinct_port()}", f"--metrics-export-port={distinct_port()}",
+               f"--node-manager-port={distinct_port()}", f"--object-manager-port={distinct_port()}",
+               f"--ray-client-server-port={distinct_port()}", f"--temp-dir={tmp}", "--disable-usage-stats", *args]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"ray start ({ip}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
