@@ -282,7 +282,7 @@ def _aligned_background_ranking(clf, clip, world: str, cv, names, cache_dir: Opt
 
 
 def spurious_ablation(clf, world: str, ks=(5, 8), clip=None, cache_dir: Optional[str] = None) -> dict:
-    """SPEC §8's measured protocol: rank the classifier's components by their *signed* push of the
+    """README “The toy world”'s measured protocol: rank the classifier's components by their *signed* push of the
     logit difference towards the class the background predicts, on the (balanced) validation split;
     mean-ablate the top k (validation means); per-group accuracy on the held-out test split.
 

@@ -298,7 +298,7 @@ class DecomposeOptions(Config):
 
 @dataclass(frozen=True)
 class AlignConfig(Config):
-    """CompAlign training (SPEC §4)."""
+    """CompAlign training (README “Fit CompAlign and TextSpan”)."""
 
     lam: float = 1.0
     lr: float = 3e-4

@@ -324,7 +324,7 @@ def load_model(
                        preprocess=preprocess, tokenizer=tokenizer)
 
 
-# Random-initialised stand-ins used by the test-suite (SPEC §2.4), one per supported family.
+# Random-initialised stand-ins used by the test-suite (README “Supported models”), one per supported family.
 TEST_MODELS = (
     "timm:deit_tiny_patch16_224",
     "timm:vit_small_patch14_dinov2",

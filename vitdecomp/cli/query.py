@@ -53,7 +53,7 @@ ABLATION_HELP = {
     "core": "mitigate: the core property's name (e.g. 'Waterbirds core')",
     "properties": "YAML/JSON name: [descriptions…] added to the defaults",
     "k": "mitigate: how many components to mean-ablate (default 10)",
-    "ranking": "mitigate: compattribute (SPEC §7: spurious − core) or signed (SPEC §8: signed logit push towards the "
+    "ranking": "mitigate: compattribute (README “Query”: spurious − core) or signed (README “The toy world”: signed logit push towards the "
                "class the group predicts; needs labels on the fit rows)",
     "protocol": "mitigate: heldout (choose on --fit-split, evaluate on --eval-split) or same-pool (the published "
                 "protocol: choose and evaluate on the same rows)",

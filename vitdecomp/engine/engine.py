@@ -1,6 +1,6 @@
 """The decomposition engine: hooks in, one forward pass of the unmodified model, contributions out.
 
-``z = Σ_k c_k`` exactly (SPEC §2): every component's branch output is pooled over the readout
+``z = Σ_k c_k`` exactly (README “How it works, and what it costs”): every component's branch output is pooled over the readout
 positions as the model runs, carried through the branch gains (LayerScale) and then through the
 frozen affine readout chain (final norm, pooled norm, projection, optional L2 normalisation).
 Memory is O(B·K·D) plus the requested token maps.
@@ -270,7 +270,7 @@ def decompose(
             ``embed``. Default: all.
         heads: split attention into heads (``<attn>.head.<h>``) or keep one ``<attn>`` component.
         tokens: component names (heads) whose per-source-token contributions to return.
-        convention: ``"centered"`` (default) or ``"uniform"`` (SPEC §2.2).
+        convention: ``"centered"`` (default) or ``"uniform"`` (README “How it works, and what it costs”).
         normalize: divide by ``‖z‖`` (CLIP embeddings as used for retrieval).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Component names (SPEC §2.1): the model's own module paths plus a suffix.
+"""Component names (README “Components and names”): the model's own module paths plus a suffix.
 
 - ``embed``: residual stream entering the first decomposed block;
 - ``<attn path>.head.<h>``: one attention head; ``<attn path>`` when heads are not split;

@@ -1,4 +1,4 @@
-"""CompAlign (SPEC §4): per-component linear maps of a non-CLIP model into a CLIP teacher's space.
+"""CompAlign (README “Fit CompAlign and TextSpan”): per-component linear maps of a non-CLIP model into a CLIP teacher's space.
 
 ``f_k(c) = A_k c + b/K`` with ``Σ_k f_k(c_k)`` trained to match the teacher's unit image embedding:
 
@@ -81,7 +81,7 @@ def in_validation(image_id: str, fraction: float) -> bool:
 
 
 def ortho_penalty(maps: torch.Tensor) -> torch.Tensor:
-    """``Σ_k ‖A_k A_kᵀ − I‖²_F / (K · d_teacher)`` for ``maps [K, d_teacher, d]`` (SPEC §4). The
+    """``Σ_k ‖A_k A_kᵀ − I‖²_F / (K · d_teacher)`` for ``maps [K, d_teacher, d]`` (README “Fit CompAlign and TextSpan”). The
     published code's form, ``d_teacher · mean_{k,i,j} (A_k A_kᵀ − I)²_ij``, is the same expression."""
     K, dt, _ = maps.shape
     gram = maps @ maps.transpose(1, 2) - torch.eye(dt, dtype=maps.dtype)

@@ -1,4 +1,4 @@
-"""Text embeddings for the fit and query stages (SPEC §5).
+"""Text embeddings for the fit and query stages (README “Fit CompAlign and TextSpan”).
 
 Each description is wrapped in open_clip's 80 OpenAI ImageNet templates, each encoded and
 L2-normalised, averaged and renormalised. Results are cached on disk by (model, weights, text).

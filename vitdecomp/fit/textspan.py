@@ -1,4 +1,4 @@
-"""TextSpan from streamed moments (SPEC §5), exactly.
+"""TextSpan from streamed moments (README “Fit CompAlign and TextSpan”), exactly.
 
 For one component with contributions ``X [N, d]`` (in CLIP space) and unit text embeddings
 ``T [P, d]``, the greedy algorithm only needs ``n``, ``μ = mean(X)`` and ``S = XᵀX``:
@@ -269,7 +269,7 @@ def report(table, title: str = "TextSpan") -> str:
 
 def reconstruction_accuracy(st, clip, spans: dict, label_column: str, class_names, aligner=None,
                             cache_dir: Optional[str] = None, batch_size: int = 1024) -> dict:
-    """SPEC §5's evaluation: zero-shot accuracy with every explained component replaced by its
+    """README “Fit CompAlign and TextSpan”'s evaluation: zero-shot accuracy with every explained component replaced by its
     TextSpan reconstruction ``μ + (x − μ)QQᵀ`` and every component of earlier blocks (and ``embed``)
     replaced by its corpus mean, next to the full model's accuracy. Two passes over the store."""
     from ..store.splits import check_column

@@ -1,4 +1,4 @@
-"""Mean-ablation curves and spurious-feature mitigation over a store (SPEC §7).
+"""Mean-ablation curves and spurious-feature mitigation over a store (README “Query”).
 
 Every classifier here is linear on the readout: ``logits = z Wᵀ + b`` with ``z = Σ_k c_k``
 (a zero-shot text head for CLIP stores or aligned stores, a linear probe fitted on the stored
@@ -183,7 +183,7 @@ def plot_curves(rows: list[dict], title: str):
 # ------------------------------------------------------------------------------------ mitigation
 def signed_push(st, names, head: LinearHead, ids, label_column: str, group_column: str, means: np.ndarray,
                 aligner=None) -> np.ndarray:
-    """SPEC §8's label-aware ranking: each component's mean push of the logits towards the class the
+    """README “The toy world”'s label-aware ranking: each component's mean push of the logits towards the class the
     row's group (spurious attribute) predicts, ``⟨c_k − μ_k, w_ĝ − mean_{c≠ĝ} w_c⟩``, where ĝ is the
     class the head predicts most often for that group value on these rows."""
     ev = evaluate_ablations(st, names, head, {"none": np.zeros(len(names), bool)}, means, ids, label_column,

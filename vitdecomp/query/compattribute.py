@@ -1,4 +1,4 @@
-"""CompAttribute (SPEC §6): how much each component carries a text-described property, corpus-wide.
+"""CompAttribute (README “Query”): how much each component carries a text-described property, corpus-wide.
 
 For a property with descriptions ``t_1..t_p`` (order matters), ``Q`` = the orthonormal basis of
 their embeddings from a reduced QR in the given order. For component ``k`` and direction ``q_a``::
@@ -31,7 +31,7 @@ DEFAULT_PROPERTIES = {
 }
 
 
-# SPEC §6's Waterbirds word lists: known by name (``query mitigate --spurious "Waterbirds spurious"``),
+# README “Query”'s Waterbirds word lists: known by name (``query mitigate --spurious "Waterbirds spurious"``),
 # not scored by default
 WATERBIRDS = {
     "Waterbirds spurious": ["water", "ocean", "lake", "sky", "land", "forest", "trees", "bamboo", "leaves"],
@@ -40,7 +40,7 @@ WATERBIRDS = {
 
 
 def named_properties(path: Optional[str], s3=None) -> dict[str, list[str]]:
-    """Every property known by name: the defaults, SPEC §6's Waterbirds lists and the user's file."""
+    """Every property known by name: the defaults, README “Query”'s Waterbirds lists and the user's file."""
     props = read_properties(path, s3)
     return {**props, **{k: v for k, v in WATERBIRDS.items() if k not in props}}
 
@@ -66,7 +66,7 @@ class Sums:
     @classmethod
     def of(cls, contributions: np.ndarray, directions: np.ndarray, total: Optional[np.ndarray] = None) -> "Sums":
         """``contributions [b, K, d]`` of the scored components; ``total [b, d]``: the sum over *every*
-        component (SPEC §6's ``Σ_j c_j``) when only some are scored (default: their sum)."""
+        component (README “Query”'s ``Σ_j c_j``) when only some are scored (default: their sum)."""
         c = np.asarray(contributions, np.float64)
         proj = np.einsum("bkd,ad->bka", c, directions)          # p_ka(x)
         tot = proj.sum(1) if total is None else np.asarray(total, np.float64) @ directions.T   # s_a(x)

@@ -1,7 +1,7 @@
-"""Token heatmaps and zero-shot segmentation (SPEC §7), computed on demand from the source images.
+"""Token heatmaps and zero-shot segmentation (README “Query”), computed on demand from the source images.
 
 For chosen attention heads (or whole attention layers = the sum of their heads) the engine returns
-each head's per-source-token direct effect on the readout, ``c_{k,m} [d]`` (SPEC §2.1, token
+each head's per-source-token direct effect on the readout, ``c_{k,m} [d]`` (README “Components and names”, token
 granularity: attention probability of the readout query × value × the head's out-projection
 slice, carried through the frozen final norm / projection like any contribution). The heatmap of
 image ``b`` at patch ``m`` is
@@ -146,7 +146,7 @@ def token_heatmaps(lm, images: torch.Tensor, components: Sequence[str], directio
             of the aligner's CLIP space.
         aligner: CompAlign :class:`~vitdecomp.compalign.Aligner`; each head's tokens are mapped by
             its own (or its layer's) ``A_k`` before the projection.
-        convention, blocks, normalize: as the store was decomposed (SPEC §2.2; ``blocks`` decides
+        convention, blocks, normalize: as the store was decomposed (README “How it works, and what it costs”; ``blocks`` decides
             which heads exist; ``normalize`` divides by ‖z‖).
     """
     return compute_heatmaps(lm, images, components, direction, aligner, convention, blocks, normalize).maps

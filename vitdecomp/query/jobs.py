@@ -62,7 +62,7 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
     write_section(out, "compattribute", "CompAttribute: components × properties", order=10,
                   summary=f"Mean Pearson correlation, over the {st.count()} images of the store, between each "
                           "component's projection and the (aligned) total's projection on each property's "
-                          "orthonormalised description embeddings (SPEC §6).",
+                          "orthonormalised description embeddings (README “Query”).",
                   facts={"store": st.uri, "model": st.manifest["model"]["name"], "aligner": cfg.aligner or "none",
                          "components": len(names), "properties": len(props),
                          **{f"top component: {p}": f"{c} ({sc[names.index(c), j]:+.3f})"
@@ -77,7 +77,7 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
 
 # ---------------------------------------------------------------------------------- retrieve
 def run_retrieve(cfg: RetrieveConfig) -> dict:
-    """Retrieval by property (SPEC §7). With ``text``: the property's top components by
+    """Retrieval by property (README “Query”). With ``text``: the property's top components by
     CompAttribute, images ranked by ⟨Σ_{k∈top} f_k(c_k), t⟩. With ``image_ids``: components ranked
     by how specifically they carry the property (``v_i − max(0, max_{j≠i} v_j)`` over every known
     property), images ranked by cosine similarity of their summed top components to the probes'
@@ -131,10 +131,10 @@ def run_retrieve(cfg: RetrieveConfig) -> dict:
         log.warning("contact sheet: %d of %d retrieved images could not be read and are crossed out; first: %s (%s)",
                     len(unreadable), len(hits), *unreadable[0])
     how = ("the probe text's projection of the sum of the {n} components CompAttribute ranks highest for the "
-           "property {p!r} (SPEC §7, text-based retrieval by property)" if cfg.text else
+           "property {p!r} (README “Query”, text-based retrieval by property)" if cfg.text else
            "cosine similarity, to the probe images, of the normalised sum of the {n} components that carry the "
            "property {p!r} most specifically (CompAttribute for it minus the largest for any other property; "
-           "SPEC §7, image-based retrieval)").format(n=len(top), p=cfg.property)
+           "README “Query”, image-based retrieval)").format(n=len(top), p=cfg.property)
     write_section(out, "retrieve", f"Retrieval: {probe} through the {cfg.property!r} components", order=20,
                   summary=f"Every image of the store ranked by {how}.",
                   facts={"store": st.uri, "property": cfg.property, "probe": probe,

@@ -1,4 +1,4 @@
-"""Image-based retrieval by property (SPEC §7).
+"""Image-based retrieval by property (README “Query”).
 
 The property's components are ranked by how *specifically* they carry it,
 ``v_i − max(0, max_{j≠i} v_j)`` over the CompAttribute scores ``v`` of every known property; each
@@ -134,7 +134,7 @@ def default_index_path(out: str) -> str:
 def retrieve_by_text(st, components: Sequence[str], text: str, clip, n: int, aligner=None,
                      cache_dir: Optional[str] = None) -> tuple[list, dict]:
     """Images ranked by ``⟨Σ_{k∈components} f_k(c_k), t⟩`` for the probe text's embedding ``t``
-    (SPEC §7, text-based retrieval by property); returns (hits ``[(id, uri, score)]``, info)."""
+    (README “Query”, text-based retrieval by property); returns (hits ``[(id, uri, score)]``, info)."""
     from ..fit.text import encode_texts
 
     t = encode_texts(clip, [text], cache_dir=cache_dir)[0]

@@ -1,4 +1,4 @@
-"""The contribution store (SPEC §3): layout, manifest, schema, chunked commits and the reader API.
+"""The contribution store (README “The store”): layout, manifest, schema, chunked commits and the reader API.
 
 A store is a directory (local path or ``s3://bucket/prefix``)::
 

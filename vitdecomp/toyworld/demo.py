@@ -1,4 +1,4 @@
-"""``vitdecomp demo``: the one-command offline demo on the built-in toy world (SPEC §8).
+"""``vitdecomp demo``: the one-command offline demo on the built-in toy world (README “The toy world”).
 
 Stages: generate the world → train (or load from cache) the tiny classifier and tiny CLIP → report
 their planted-truth accuracies → decompose both over the world with the decompose job (local Ray,

@@ -1,8 +1,8 @@
-"""Planted-truth images (SPEC §8): an object with known shape, hue, texture, size and position on a
+"""Planted-truth images (README “The toy world”): an object with known shape, hue, texture, size and position on a
 background scene, a caption built from those attributes, and Waterbirds-style splits.
 
 The **label** is the object's hue family (0 = "warm", 1 = "cool") drawn from overlapping hue
-ranges, so hue alone caps accuracy near 0.87 — learnable by a tiny ViT, but not perfectly (SPEC §8:
+ranges, so hue alone caps accuracy near 0.87 — learnable by a tiny ViT, but not perfectly (README “The toy world”:
 a shape label is not learnable in the budget). The **spurious attribute** is the background
 scene family (``water`` vs ``land``): in the training split it agrees with the label for a
 fraction ``agreement`` of images (default 0.93); in validation and test it is independent of it.

@@ -2,7 +2,7 @@
 normal ``load_model`` path (name + local checkpoint) builds them everywhere, Ray workers included.
 
 - ``timm:vitdecomp_toy_vit``: a timm ``VisionTransformer`` for 64 px images (patch 8, dim 64,
-  depth 4, 4 heads, 2 classes) — SPEC §8's tiny classifier.
+  depth 4, 4 heads, 2 classes) — README “The toy world”'s tiny classifier.
 - ``open_clip:vitdecomp-toy-clip``: an open_clip CLIP (vision ViT 64 px, patch 8, width 64, depth 4,
   4 heads; text transformer width 64, depth 2; joint dim 64).
 """

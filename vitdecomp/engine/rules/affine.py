@@ -11,7 +11,7 @@ Applied to a stack, ``A`` acts on every element and ``o`` is distributed by *off
 - ``centered`` convention (default): each component is centred separately inside ``A``; the
   offset (``β``, biases) goes wholly to the ``bias`` component;
 - ``uniform`` convention: ``A`` does not centre; the offset, which then contains ``-γ⊙μ/σ``,
-  is shared with fixed weights ``f_k`` (SPEC §2.2).
+  is shared with fixed weights ``f_k`` (README “How it works, and what it costs”).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Attention rules: split an attention branch's pooled output into heads (and source tokens).
 
 Per head ``h``, readout query weights ``w [B, S]`` over the pooled positions ``S`` and source
-token ``m`` (SPEC §2.1)::
+token ``m`` (README “Components and names”)::
 
     α_h[m]   = Σ_s w[s] · softmax_m(q_h[s]·k_h[m] · scale)       readout attention row  [B, H, N]
     head_h   = (Σ_m α_h[m] v_h[m]) · W_O,hᵀ                      (value bias inside v)  [B, H, D]
