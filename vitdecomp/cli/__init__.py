@@ -20,11 +20,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
     from . import benchmark, decompose, demo, fit, query, store
+    from .examples import Formatter, finish
 
-    p = argparse.ArgumentParser(prog="vitdecomp", description="Exact per-component decomposition of vision models "
+    p = argparse.ArgumentParser(prog="vitdecomp", formatter_class=Formatter, description="Exact per-component decomposition of vision models "
                                 "over whole datasets: decompose, fit, query.")
     p.add_argument("--version", action="version", version=f"vitdecomp {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     demo.add_parser(sub)
     decompose.add_parser(sub)
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_parser(sub)
     store.add_parser(sub)
     benchmark.add_parser(sub)
+    finish(p)
     return p
 
 
@@ -45,12 +48,22 @@ def error_line(command: str, e: Exception) -> str:
     return f"vitdecomp {command}: error: {e}"
 
 
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """``-v``: vitdecomp at DEBUG; ``-q``: warnings and errors only; default: vitdecomp at INFO.
+    Ray's workers follow through ``RAY_LOGGING_LEVEL`` (set before Ray starts)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("vitdecomp").setLevel(level)
+    if quiet:
+        os.environ.setdefault("RAY_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..errors import VitdecompError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vitdecomp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(verbose=args.verbose, quiet=args.quiet)
     command = " ".join(x for x in (args.command, getattr(args, "fit", None), getattr(args, "query", None),
                                    getattr(args, "benchmark", None), getattr(args, "store_command", None)) if x)
     if args.command in ("decompose", "fit", "query", "demo", "benchmark"):
