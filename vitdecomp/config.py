@@ -563,3 +563,54 @@ class ReportConfig(OutputOptions, S3Options):
     REQUIRED: ClassVar[tuple[str, ...]] = ("out",)
 
     title: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class InterpretabilityConfig(OutputOptions, S3Options):
+    """``vitdecomp query interpretability``: per-head property labels from TextSpan texts, entanglement
+    and association scores (:mod:`vitdecomp.query.interpretability`)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("textspan", "out")
+
+    textspan: str = ""
+    properties: Optional[str] = None
+    vocabulary: Optional[str] = None
+    texts_per_head: Optional[int] = None
+    min_share: float = 0.2
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "texts_per_head")
+        local_file(self, "properties", "yaml")
+        local_file(self, "vocabulary", "yaml")
+        if not 0.0 < self.min_share <= 1.0:
+            raise OptionError("min_share", f"must be in (0, 1], got {self.min_share!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig(TextModelOptions, StoreOptions):
+    """``vitdecomp serve``: the explorer, a local web app over a store (:mod:`vitdecomp.serve`)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("store",)
+
+    fit: Optional[str] = None
+    query: Optional[str] = None
+    aligner: Optional[str] = None
+    checkpoint: Optional[str] = None
+    properties: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    index_threshold: int = 100_000
+    nprobes: Optional[int] = None
+    top_images: int = 16
+    top_components: int = 5
+    max_upload_bytes: int = 8 * 1024 * 1024
+    index_cache: Optional[str] = None
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "index_threshold", "nprobes", "top_images", "top_components", "max_upload_bytes")
+        local_file(self, "properties", "yaml")
+        if not 0 <= self.port <= 65535:
+            raise OptionError("port", f"must be in 0..65535 (0: any free port), got {self.port}")

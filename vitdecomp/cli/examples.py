@@ -31,21 +31,12 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("query", "heatmap"): f"vitdecomp query heatmap --store {DEMO}/stores/clip --image-ids test-000001 "
                           f"--text 'a red object' --out query/clip",
     ("query", "report"): "vitdecomp query report --out query/clip",
-    ("query", "interpretability"): f"vitdecomp query interpretability --fit fit/textspan "
-                                   f"--properties properties.json --out query/clip",
     ("store", "check"): f"vitdecomp store check {DEMO}/stores/clip",
     ("store", "repair"): f"vitdecomp store repair {DEMO}/stores/clip --apply",
-    ("store", "vacuum"): f"vitdecomp store vacuum {DEMO}/stores/clip",
     ("benchmark",): "vitdecomp benchmark overhead --model timm:vit_base_patch16_224",
     ("benchmark", "overhead"): "vitdecomp benchmark overhead --model timm:vit_base_patch16_224 --batch 32",
     ("benchmark", "job"): "vitdecomp benchmark job --images 200",
     ("benchmark", "toyworld"): "vitdecomp benchmark toyworld --seeds 3",
-    ("benchmark", "scale"): "vitdecomp benchmark scale --rows 10000,100000,1000000",
-    ("benchmark", "resume"): "vitdecomp benchmark resume --rows 1000000",
-    ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000",
-    ("serve",): f"vitdecomp serve --store {DEMO}/stores/clip --fit {DEMO}/fit/textspan-clip "
-                f"--query {DEMO}/query/clip",
-    ("reproduce",): "vitdecomp reproduce waterbirds --root data/waterbird_complete95_forest2water2",
 }
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (AblateConfig, CompAttributeConfig, HeatmapConfig, MitigateConfig, ReportConfig,
-                      RetrieveConfig)
+from ..config import (AblateConfig, CompAttributeConfig, HeatmapConfig, InterpretabilityConfig, MitigateConfig,
+                      ReportConfig, RetrieveConfig)
 from .options import add_job_parser
 
 HELP = {
@@ -153,6 +153,30 @@ def heatmap(cfg: HeatmapConfig) -> int:
     return 0
 
 
+INTERPRETABILITY_HELP = {
+    "textspan": "the TextSpan output of `vitdecomp fit textspan` (its --out directory or textspan.parquet)",
+    "out": "output directory: interpretability.parquet/.json/.png and a section of report.html",
+    "properties": "YAML/JSON name: [descriptions…] added to the defaults; each property's vocabulary is its "
+                  "descriptions without the words they all share",
+    "vocabulary": "YAML/JSON name: [terms…] replacing (or adding) properties' vocabularies",
+    "texts_per_head": "use each head's first N TextSpan texts (default: all)",
+    "min_share": "a property is present in a head from this share of its texts (default 0.2; 'mixed' heads)",
+    "s3_endpoint": "S3-compatible endpoint for s3:// paths",
+}
+
+
+def interpretability(cfg: InterpretabilityConfig) -> int:
+    from ..query.jobs import run_interpretability
+
+    r = run_interpretability(cfg)
+    s = r["summary"]
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"            # noqa: E731
+    print(f"interpretability: {s['labelled']} of {s['heads']} heads labelled; association score "
+          f"{f(s['association_score'])}, entanglement score {f(s['entanglement_score'])} -> "
+          f"{cfg.out}/interpretability.parquet, {r['png']}, {r['report']}")
+    return 0
+
+
 def report(cfg: ReportConfig) -> int:
     from ..query import run_report
 
@@ -186,6 +210,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    description="Recompute per-token contributions of chosen heads for chosen images of a store "
                                "(its model rebuilt from the manifest), project them on a text embedding or a "
                                "class logit, upsample and overlay them; with masks, pixel accuracy, mIoU and AP.")
+    add_job_parser(qsub, "interpretability", InterpretabilityConfig, INTERPRETABILITY_HELP, interpretability,
+                   help="per-head property labels from TextSpan texts; association and entanglement scores",
+                   description="Label each head by the property its TextSpan texts name most (matched against "
+                               "the properties' vocabularies) and score the model: association (share of a "
+                               "head's texts naming its label) and entanglement (share of heads whose label "
+                               "another head shares).")
     add_job_parser(qsub, "report", ReportConfig, HELP, report,
                    help="one static HTML page of every query section in --out (tables, plots, links)",
                    description="Gather every query section written into --out into one static report.html.")

@@ -329,6 +329,49 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
     return {"results": res, "summary": summary, "components": ranked, "head": head, "png": png, "report": report}
 
 
+# --------------------------------------------------------------------------- interpretability
+def run_interpretability(cfg) -> dict:
+    """Per-head property labels from TextSpan texts, association and entanglement scores
+    (:mod:`vitdecomp.query.interpretability`); ``interpretability.parquet``/``.json``/``.png`` and a
+    report section."""
+    import pyarrow as pa
+
+    from .compattribute import read_properties
+    from .interpretability import (label_plot, read_textspan, read_vocabulary, score_heads, texts_from_table,
+                                   vocabularies)
+
+    cfg.check_required()
+    texts = texts_from_table(read_textspan(cfg.textspan, cfg.s3()))
+    vocab = vocabularies(read_properties(cfg.properties, cfg.s3()), read_vocabulary(cfg.vocabulary, cfg.s3()))
+    rows, summary = score_heads(texts, vocab, texts_per_head=cfg.texts_per_head, min_share=cfg.min_share)
+    out = _output(cfg)
+    props = list(vocab)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(
+        [("component", pa.string()), ("label", pa.string()), ("texts", pa.int64()), ("association", pa.float64()),
+         ("mixed", pa.bool_()), ("present", pa.list_(pa.string())), ("matched", pa.list_(pa.string()))]
+        + [(f"n_{p}", pa.int64()) for p in props]))
+    out.write_parquet("interpretability.parquet", table)
+    summary = {**summary, "textspan": cfg.textspan, "properties": props,
+               "vocabulary": {p: [" ".join(t) for t in ts] for p, ts in vocab.items()}}
+    out.write_json("interpretability.json", summary)
+    png = out.savefig("interpretability.png", label_plot(rows, props, "TextSpan texts matching each property"),
+                      dpi=110)
+    fmt = lambda v: "n/a" if v is None else round(v, 4)            # noqa: E731
+    report = _section(out, "interpretability", "Interpretability: head labels, association and entanglement", 50,
+                      "Each head's TextSpan texts matched against the properties' vocabularies: the head's label is "
+                      "the property most of its texts name; association = the share of its texts that name it "
+                      "(mean over labelled heads); entanglement = the share of labelled heads whose label another "
+                      "head shares (README “Explore”, interpretability scores).",
+                      {"association score": fmt(summary["association_score"]),
+                       "entanglement score": fmt(summary["entanglement_score"]),
+                       "labelled heads": f"{summary['labelled']} of {summary['heads']}",
+                       "mixed heads (fraction)": fmt(summary["mixed_fraction"]),
+                       **{f"heads labelled {p}": n for p, n in summary["per_property"].items()}},
+                      [{"path": "interpretability.png", "caption": "matching texts per head and property"}],
+                      [{"path": "interpretability.parquet", "caption": "one row per head", "max_rows": 60}])
+    return {"table": table, "rows": rows, "summary": summary, "png": png, "report": report}
+
+
 # ------------------------------------------------------------------------------------ report
 def run_report(cfg: ReportConfig) -> dict:
     """Gather the ``*.section.json`` sidecars in ``cfg.out`` into one static ``report.html``."""
