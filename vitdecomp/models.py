@@ -8,6 +8,7 @@ downloaded when ``pretrained`` is false.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -169,6 +170,31 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class _DropRandomInit(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model '<arch>'. Model initialized randomly."
+    for one architecture, and nothing else: a checkpoint is loaded right after, so it would mislead."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        self.text = f"No pretrained weights loaded for model '{arch}'"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith(self.text))
+
+
+@contextlib.contextmanager
+def _no_random_init_warning(arch: str, when: bool):
+    if not when:
+        yield
+        return
+    root, f = logging.getLogger(), _DropRandomInit(arch)
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def load_state_dict(path: str) -> dict:
     """Load weights from a local file without unpickling code (safetensors, or torch ``weights_only``)."""
     if path.endswith(".safetensors"):
@@ -302,8 +328,9 @@ def load_model(
             for key in ("mean", "std", "interpolation", "resize_mode"):
                 if pcfg.get(key) is not None:
                     model_kwargs.setdefault(f"image_{key}", pcfg[key])
-        model, _, transform = _fetch(lambda: _seeded(seed, lambda: open_clip.create_model_and_transforms(
-            arch, pretrained=tag if load_weights else None, **model_kwargs)), name, tag)
+        with _no_random_init_warning(arch, when=bool(checkpoint)):
+            model, _, transform = _fetch(lambda: _seeded(seed, lambda: open_clip.create_model_and_transforms(
+                arch, pretrained=tag if load_weights else None, **model_kwargs)), name, tag)
         if checkpoint and load_weights:
             model.load_state_dict(load_state_dict(checkpoint))
         v = model.visual
@@ -319,7 +346,9 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(name=f"{lib}:{arch}", library=lib, arch=arch, model=model, transform=transform,
-                       readout=readout, pretrained=tag or (None if not pretrained else "default"),
+                       readout=readout,
+                       # the weights actually in the model: a tag in the name with pretrained=False is random init
+                       pretrained=(tag or "default") if (pretrained or (tag and not load_weights)) else None,
                        checkpoint=checkpoint, checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
                        preprocess=preprocess, tokenizer=tokenizer)
 
