@@ -235,3 +235,28 @@ def test_resources_no_local_node_offers_fail_fast_with_what_it_offers(caplog):
     _check_resources(cfg, offered, fixed=False)                  # a cluster may scale: a warning only
     assert "gpu_pool" in caplog.text
     _check_resources(cfg.replace(worker_resources=None), offered, fixed=True)   # what is offered passes
+
+
+@pytest.mark.slow
+def test_a_run_with_failed_inputs_lists_them_and_how_to_read_them_all(tmp_path):
+    from jobutil import BAD, make_images
+
+    make_images(tmp_path / "imgs", n=3, corrupt=True)
+    out = tmp_path / "s"
+    r = _cli(["decompose", "--input", str(tmp_path / "imgs"), "--output", str(out), "--model", MODEL,
+              "--batch-size", "4"], timeout=400)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    failed = len(BAD) + 1                                      # + the truncated PNG
+    assert f"decompose: {failed} inputs failed:" in r.stdout, r.stdout
+    listed = [line for line in r.stdout.splitlines() if line.startswith(f"  {tmp_path / 'imgs'}")]
+    assert sorted(line.split(": ")[0].strip() for line in listed) == sorted(
+        str(tmp_path / "imgs" / k) for k in [*BAD, "bad/truncated.png"]), r.stdout
+    for line in listed:                                        # the file and the cause in words, no reprs
+        assert "object at 0x" not in line and ("not a supported image format" in line or "empty file" in line
+                                               or "truncated" in line), line
+    call = r.stdout.split("all of them (every run): ", 1)[1].splitlines()[0]
+    assert call.startswith("python -c ")
+    shown = subprocess.run(call.replace("python", sys.executable, 1), shell=True, capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert all(k in shown.stdout for k in [*BAD, "bad/truncated.png"]), shown.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timedelta, timezone
 
 from ..config import DecomposeConfig
 from .options import add_job_parser
@@ -55,11 +56,38 @@ HELP = {
 
 
 
+SHOW_ERRORS = 10      # failed inputs listed at the end of a run
+
+
 def run(cfg: DecomposeConfig) -> int:
     from ..pipeline import run_decompose
 
-    print(run_decompose(cfg), flush=True)
+    started = datetime.now(timezone.utc) - timedelta(seconds=1)
+    summary = run_decompose(cfg)
+    print(summary, flush=True)
+    if summary.errors:
+        print(failed_inputs(cfg, started, summary.errors), flush=True)
     return 0
+
+
+def failed_inputs(cfg: DecomposeConfig, since: datetime, count: int, show: int = SHOW_ERRORS) -> str:
+    """The first ``show`` inputs this run could not decompose, with their reasons, and the call that
+    reads them all."""
+    import pyarrow.compute as pc
+
+    from ..store import open_store
+
+    st = open_store(cfg.output, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region)
+    errors = st.errors()
+    errors = errors.filter(pc.greater_equal(errors["time"], since)).sort_by("time")
+    lines = [f"decompose: {count} input{'s' if count != 1 else ''} failed"
+             + (f"; the first {min(show, errors.num_rows)}:" if errors.num_rows > show else ":")]
+    for row in errors.slice(0, show).to_pylist():
+        lines.append(f"  {row['uri'] or row['image_id']}: {row['reason']} ({row['stage']})")
+    endpoint = f", s3_endpoint={cfg.s3_endpoint!r}" if cfg.s3_endpoint else ""
+    lines.append(f"all of them (every run): python -c \"import vitdecomp as vd; "
+                 f"print(vd.open_store({cfg.output!r}{endpoint}).errors().to_pandas().to_string())\"")
+    return "\n".join(lines)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
