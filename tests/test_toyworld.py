@@ -100,7 +100,7 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
         assert f"[demo] {stage} ..." in out and f"[demo] {stage}: done in" in out
     assert os.path.exists(s["metadata"])
     for k in ("classifier", "clip"):
-        assert os.path.exists(s["models"][k]["checkpoint"]) and not s["models"][k]["cached"]
+        assert os.path.exists(s["models"][k]["checkpoint"]) and s["models"][k]["shipped"]   # no training
     n = 240 + 60 + 60
     clf = vd.open_store(s["stores"]["classifier"])
     clip = vd.open_store(s["stores"]["clip"])

@@ -15,6 +15,8 @@ import os
 import time
 from typing import Callable, Optional
 
+from ..errors import InputError
+
 
 log = logging.getLogger(__name__)
 WORLD_PROPERTIES = {
@@ -55,9 +57,15 @@ def quick(model: str = "timm:deit_tiny_patch16_224", top: int = 10, seed: int = 
 
 
 def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, num_cpus=None,
-        progress: Optional[Callable[[str], None]] = None) -> dict:
+        progress: Optional[Callable[[str], None]] = None, retrain: bool = False,
+        export_weights: Optional[str] = None) -> dict:
     """The whole demo; returns what it produced (paths, figures and the ``stages`` it went through).
-    ``progress`` receives one line per stage and finding (default: the module's logger)."""
+    ``progress`` receives one line per stage and finding (default: the module's logger).
+
+    The tiny models are the ones shipped with the package when they fit the world and training config
+    (the default world and ``seed=0``; ``small`` worlds too), else trained here (cached). ``retrain``
+    trains them here even then; ``export_weights`` (a directory) writes the trained models as shipped
+    weights with their figures and the reduced-schedule check (what ``--retrain --export-weights`` does)."""
     from ..config import CompAlignConfig, DecomposeConfig, TextSpanConfig
     from ..fit.jobs import run_compalign, run_textspan
     from ..models import load_model
@@ -65,15 +73,17 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
     from ..store import open_store
     from .generate import WorldConfig, generate, vocabulary_pool
     from .registry import TOY_CLIP, TOY_VIT
-    from .train import TrainConfig, ensure_models, group_accuracy, zero_shot_accuracy
+    from .train import (TrainConfig, cached_models, ensure_models, export_weights as export, group_accuracy,
+                        record_figures, reduced_schedule_figures, shipped_models, zero_shot_accuracy)
 
     t0 = time.time()
     workdir = os.path.abspath(workdir)
-    if small:
-        world_cfg = WorldConfig(seed=seed, n_train=240, n_val=60, n_test=60)
-        train_cfg = TrainConfig(seed=seed, classifier_epochs=2, clip_epochs=2)
-    else:
-        world_cfg, train_cfg = WorldConfig(seed=seed), TrainConfig(seed=seed)
+    if export_weights and (small or not retrain):
+        raise InputError("export_weights needs retrain=True and the full world (not small): the shipped weights "
+                         "are trained on the default world")
+    world_cfg = WorldConfig(seed=seed, n_train=240, n_val=60, n_test=60) if small else WorldConfig(seed=seed)
+    # a small world uses the shipped models (trained on the full world); retraining one is a smoke test
+    train_cfg = TrainConfig(seed=seed, classifier_epochs=2, clip_epochs=2) if small and retrain else TrainConfig(seed=seed)
     stages: list[str] = []
     say = progress or log.info
     stage = _Stages(say, stages)
@@ -84,10 +94,20 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         say(f"    {world_cfg.n_train}/{world_cfg.n_val}/{world_cfg.n_test} train/val/test images in {world}")
 
     with stage("2/7 train or load the tiny classifier and tiny CLIP"):
-        models = ensure_models(world, world_cfg.key(), os.path.join(workdir, "cache"), train_cfg)
+        cache_dir = os.path.join(workdir, "cache")
+        if not retrain and shipped_models(world_cfg, train_cfg) is None and not cached_models(world, world_cfg, cache_dir,
+                                                                                             train_cfg):
+            say("    no shipped weights for this world/seed: training both models here (about 6 minutes on 2 idle "
+                "cores, longer on a busy machine; cached afterwards)")
+        models = ensure_models(world, world_cfg.key(), cache_dir, train_cfg, world_cfg=world_cfg, retrain=retrain)
         for k, v in models.items():
-            how = "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s"
+            how = ("shipped with vitdecomp (reproduce with `vitdecomp demo --retrain`)" if v.get("shipped")
+                   else "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s")
             say(f"    {k}: {v['checkpoint']} ({how})")
+        if export_weights:
+            export(models, world_cfg, train_cfg, export_weights)
+            models = shipped_models(world_cfg, train_cfg, export_weights)
+            say(f"    exported as shipped weights (fp16) to {export_weights}; figures below are measured with them")
 
     with stage("3/7 planted-truth accuracies (test split)"):
         clf = load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
@@ -97,6 +117,16 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         say(f"    classifier accuracy {groups['accuracy']:.3f}, worst group {groups['worst_group']:.3f}, "
               f"groups {json.dumps({g: round(a, 3) for g, a in groups['groups'].items()})}")
         say(f"    tiny CLIP zero-shot accuracy per attribute: {json.dumps({a: round(v, 3) for a, v in zs.items()})}")
+        rec = models["classifier"]
+        if rec.get("shipped") and "accuracy" in rec and not small and not export_weights:
+            say(f"    (recorded with the shipped weights: accuracy {rec['accuracy']:.3f}, worst group "
+                f"{rec['worst_group']:.3f})")
+        if export_weights:
+            say("    measuring the reduced-schedule retraining check recorded with the weights ...")
+            reduced = reduced_schedule_figures(world, seed, os.path.join(workdir, "cache", "reduced"))
+            record_figures(export_weights, {"classifier": {k: groups[k] for k in ("accuracy", "worst_group", "groups")},
+                                            "clip": {"zero_shot": zs}}, reduced)
+            say(f"    recorded in {os.path.join(export_weights, 'weights.json')}")
 
     stores = {}
     with stage("4/7 decompose both models over the world (local Ray, Lance)"):

@@ -141,17 +141,137 @@ def _save(model: torch.nn.Module, path: str) -> None:
     os.replace(tmp, path)                      # a cut-off training never leaves a half-written file
 
 
-def ensure_models(world_dir: str, world_key: str, cache_dir: str, cfg: TrainConfig = TrainConfig(),
-                  only: tuple = ("classifier", "clip")) -> dict:
-    """Train the two tiny models unless a checkpoint for this (world, training config, code version)
-    is cached; return their checkpoint paths and training reports."""
+# ------------------------------------------------------------------------------ shipped weights
+# The two tiny models trained on the default world ship with the package (fp16 safetensors, ~7 MB), so
+# the demo needs no training. ``vitdecomp demo --retrain --export-weights DIR`` reproduces them.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+SHIPPED_INDEX = "weights.json"
+MODELS = (("classifier", TOY_VIT), ("clip", TOY_CLIP))
+# the recorded figures of a retraining may differ by this much (CPU kernels differ between machines)
+RETRAIN_TOLERANCE = 0.05
+
+
+def world_distribution(world_cfg) -> dict:
+    """What a trained model depends on in a world's config: everything but the split sizes."""
+    d = asdict(world_cfg)
+    for k in ("n_train", "n_val", "n_test"):
+        d.pop(k, None)
+    return d
+
+
+def shipped_index(directory: str = SHIPPED_DIR) -> Optional[dict]:
+    path = os.path.join(directory, SHIPPED_INDEX)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def shipped_models(world_cfg, cfg: "TrainConfig", directory: str = SHIPPED_DIR) -> Optional[dict]:
+    """The shipped checkpoints when they were trained on this world distribution with this training
+    config and code version (else ``None``); their SHA-256 is checked against the index."""
+    from ..models import sha256_file
+
+    index = shipped_index(directory)
+    if (index is None or index.get("train_version") != TRAIN_VERSION or index.get("train_config") != asdict(cfg)
+            or index.get("world") != world_distribution(world_cfg)):
+        return None
+    out = {}
+    for file, name in MODELS:
+        entry = index["models"][file]
+        path = os.path.join(directory, entry["file"])
+        digest = sha256_file(path) if os.path.exists(path) else None
+        if digest != entry["sha256"]:
+            raise RuntimeError(f"the shipped weights {path} do not match their recorded SHA-256 "
+                               f"({digest} != {entry['sha256']}); reinstall vitdecomp or run `vitdecomp demo --retrain`")
+        out[file] = {"model": name, "checkpoint": path, "cached": True, "shipped": True,
+                     **{k: v for k, v in entry.items() if k not in ("file", "sha256")}}
+    return out
+
+
+def export_weights(models: dict, world_cfg, cfg: "TrainConfig", out_dir: str, figures: dict,
+                   reduced: Optional[dict] = None) -> dict:
+    """Write the trained checkpoints of ``models`` (what :func:`ensure_models` returned) as the shipped
+    fp16 weights in ``out_dir`` with their index: training config, world, SHA-256 and ``figures`` (the
+    accuracies measured with the fp16 weights). Returns the index."""
+    from safetensors.torch import load_file, save_file
+
+    from ..models import sha256_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    index = {"train_version": TRAIN_VERSION, "train_config": asdict(cfg), "world": world_distribution(world_cfg),
+             "dtype": "fp16", "produced_by": "vitdecomp demo --retrain --export-weights DIR", "models": {}}
+    for file, name in MODELS:
+        path = os.path.join(out_dir, f"{file}.safetensors")
+        sd = load_file(models[file]["checkpoint"])
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, path)
+        index["models"][file] = {"file": os.path.basename(path), "sha256": sha256_file(path), "model": name,
+                                 "train_seconds": round(float(models[file].get("seconds", 0.0)), 1),
+                                 **figures.get(file, {})}
+    if reduced is not None:
+        index["reduced_schedule_check"] = reduced
+    with open(os.path.join(out_dir, SHIPPED_INDEX), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    return index
+
+
+def record_figures(out_dir: str, figures: dict, reduced: Optional[dict] = None) -> dict:
+    """Add measured ``figures`` (per model) and the reduced-schedule check to a shipped-weights index."""
+    path = os.path.join(out_dir, SHIPPED_INDEX)
+    with open(path) as f:
+        index = json.load(f)
+    for file, fig in figures.items():
+        index["models"][file].update(fig)
+    if reduced is not None:
+        index["reduced_schedule_check"] = reduced
+    with open(path, "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    return index
+
+
+REDUCED = dict(classifier_epochs=3, clip_epochs=3, max_train=1000)   # the CI retraining check's schedule
+
+
+def reduced_schedule_figures(world_dir: str, seed: int, cache_dir: str, limit: Optional[int] = 300) -> dict:
+    """Train both models with the reduced schedule and measure them (test split, first ``limit`` images):
+    recorded with the shipped weights, and compared with a retraining by the tests."""
+    from ..models import load_model
+
+    cfg = TrainConfig(seed=seed, **REDUCED)
+    models = ensure_models(world_dir, "reduced", cache_dir, cfg, retrain=True)
+    clf = load_model(TOY_VIT, checkpoint=models["classifier"]["checkpoint"])
+    clip = load_model(TOY_CLIP, checkpoint=models["clip"]["checkpoint"])
+    g = group_accuracy(clf, world_dir, limit=limit)
+    return {"train_config": asdict(cfg), "test_limit": limit,
+            "classifier": {"accuracy": g["accuracy"], "worst_group": g["worst_group"]},
+            "clip": {"zero_shot": zero_shot_accuracy(clip, world_dir, limit=limit)}}
+
+
+def _cache_path(cache_dir: str, file: str, world_key: str, cfg: "TrainConfig") -> str:
     key = hashlib.sha256(json.dumps({"world": world_key, "train": asdict(cfg), "v": TRAIN_VERSION},
                                     sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{file}-{key}.safetensors")
+
+
+def cached_models(world_dir: str, world_cfg, cache_dir: str, cfg: "TrainConfig") -> bool:
+    """Whether both models for this world and training config are in ``cache_dir`` already."""
+    return all(os.path.exists(_cache_path(cache_dir, f, world_cfg.key(), cfg)) for f, _ in MODELS)
+
+
+def ensure_models(world_dir: str, world_key: str, cache_dir: str, cfg: TrainConfig = TrainConfig(),
+                  only: tuple = ("classifier", "clip"), world_cfg=None, retrain: bool = False) -> dict:
+    """The two tiny models for this world: the shipped weights when they fit ``world_cfg`` and ``cfg``
+    (and ``retrain`` is false), else a cached checkpoint for this (world, training config, code
+    version), else trained now. Returns their checkpoint paths and training reports."""
+    if world_cfg is not None and not retrain:
+        shipped = shipped_models(world_cfg, cfg)
+        if shipped is not None:
+            return {k: v for k, v in shipped.items() if k in only}
     out = {}
     for name, fn, file in ((TOY_VIT, train_classifier, "classifier"), (TOY_CLIP, train_clip, "clip")):
         if file not in only:
             continue
-        path = os.path.join(cache_dir, f"{file}-{key}.safetensors")
+        path = _cache_path(cache_dir, file, world_key, cfg)
         report_path = path.replace(".safetensors", ".json")
         if os.path.exists(path) and os.path.exists(report_path):
             with open(report_path) as f:
