@@ -3,6 +3,7 @@ CompAlign from the teacher column, and the errors users hit."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -65,6 +66,15 @@ def test_textspan_on_a_clip_store_equals_in_memory(stores, pool, tmp_path):
     res = textspan_one(mo.n, mo.mean[0], mo.xtx[0], texts, m=3, rank=16)
     got = [r["text_index"] for r in table.to_pylist() if r["component"] == heads[0]]
     assert got == res.picks
+    # the report: one row per component, its texts in pick order with the variance each explains
+    by = pq.read_table(out / "textspan_by_component.parquet").to_pylist()
+    assert [b["component"] for b in by] == list(dict.fromkeys(table.column("component").to_pylist()))
+    first = next(b for b in by if b["component"] == heads[0])
+    pool_texts = read_pool(pool)
+    assert first["texts"].split(" · ")[0].startswith(pool_texts[res.picks[0]] + " (+")
+    assert first["variance_explained"] == pytest.approx(res.variance_explained[-1])
+    html = (out / "report.html").read_text()
+    assert r["report"].endswith("report.html") and "TextSpan" in html and heads[0] in html
 
 
 def test_compalign_from_store_and_textspan_through_the_aligner(stores, pool, tmp_path):

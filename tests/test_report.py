@@ -214,9 +214,13 @@ def test_format_value():
     assert format_value(0.123456) == "0.1235" and format_value(3) == "3" and format_value(None) == "—"
     assert format_value(1.5e-7) == "1.500e-07" and format_value(float("nan")) == "NaN"
     assert format_value(np.float32(0.71)) == "0.71" and format_value(True) == "true"
-    assert format_value(list(range(100))) == "[0, 1, 2, 3, … (100 items)]"
+    assert format_value(list(range(100))) == "100 values: min 0, mean 49.5, max 99"     # an array: summarised
+    assert format_value(np.linspace(0, 1, 64)) == "64 values: min 0, mean 0.5, max 1"
     assert format_value(np.full((3, 2), 0.5)) == "[[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]"
-    assert format_value("x" * 500).endswith("…") and len(format_value("x" * 500)) == 120
+    assert format_value("x" * 500).endswith("…") and len(format_value("x" * 500)) == 240
+    names = [f"transformer.resblocks.{i}.attn.head.{i}" for i in range(6)]
+    shown = format_value(names)                                     # names whole, cut by count
+    assert all(n in shown for n in names[:4]) and shown.endswith("… (6 items)]") and "attn…" not in shown
     assert format_value(b"abc") == "<3 bytes>"
 
 

@@ -78,8 +78,38 @@ def run_textspan(cfg: TextSpanConfig) -> dict:
                                      "pool": cfg.pool or "default", "pool_size": len(pool),
                                      "texts_per_head": cfg.texts_per_head, "rank": cfg.rank, "aligner": cfg.aligner,
                                      "images": mo.n, "evaluation": evaluation})
+    report_path = _textspan_section(out, table, st, mo.n, len(pool), cfg, evaluation)
     return {"table": table, "images": mo.n, "evaluation": evaluation, "spans": spans, "text": text,
-            "components": names, "out": out.uri()}
+            "components": names, "out": out.uri(), "report": report_path}
+
+
+def _textspan_section(out, table, st, images: int, pool_size: int, cfg: TextSpanConfig, evaluation) -> str:
+    """One row per component (its texts with the variance each explains) as ``textspan_by_component.parquet``
+    and a report section; returns the report's path. The per-text table stays in ``textspan.parquet``."""
+    import pyarrow as pa
+
+    from ..query.report import write_report, write_section
+
+    by: dict[str, list[dict]] = {}
+    for r in table.to_pylist():
+        by.setdefault(r["component"], []).append(r)
+    rows = [{"component": c, "texts": " · ".join(f"{r['text']} (+{r['variance_explained']:.3f})" for r in rs),
+             "variance_explained": rs[-1]["cumulative"] if rs else 0.0} for c, rs in by.items()]
+    out.write_parquet("textspan_by_component.parquet", pa.Table.from_pylist(rows))
+    facts = {"images": images, "descriptions in the pool": pool_size, "texts per component": cfg.texts_per_head,
+             "rank r": cfg.rank, "aligner": cfg.aligner or "none (the store is in a CLIP space)"}
+    if evaluation:
+        facts.update({"zero-shot accuracy, full model": evaluation["accuracy_full"],
+                      "… components replaced by their TextSpan reconstruction": evaluation["accuracy_reconstructed"]})
+    write_section(out, "textspan", "TextSpan: the texts that span each component", order=5,
+                  summary=f"For each component, the descriptions picked greedily from the pool; each explains the "
+                          f"share of the component's variance over the store's {images} images shown after it "
+                          f"(+…), and the column variance_explained is their total.",
+                  facts=facts,
+                  tables=[{"path": "textspan_by_component.parquet", "caption": "one row per component",
+                           "max_rows": len(rows)},
+                          {"path": "textspan.parquet", "caption": "one row per picked text", "max_rows": 20}])
+    return write_report(out)
 
 
 def run_probe(cfg: ProbeConfig) -> dict:

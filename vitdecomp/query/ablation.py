@@ -29,8 +29,29 @@ def _batches(st, names, head: LinearHead, ids, aligner, columns=(), batch_size: 
                            dtype=np.float64, batch_size=batch_size)
 
 
+def _coefficient_space(st, head: LinearHead, aligner) -> bool:
+    """Read a compact store's stored coordinates directly (README “Store layout”): no aligner in the way."""
+    return getattr(st, "layout", "full") == "compact" and (head.space != "aligned" or aligner is None) and \
+        not (head.space == "aligned" and st.manifest["model"]["readout"]["space"] != "clip")
+
+
 def component_means(st, names, head: LinearHead, ids, aligner=None) -> np.ndarray:
     """``μ [K, d]``: each component's mean over the rows ``ids`` (in the head's space)."""
+    if _coefficient_space(st, head, aligner):         # means of the coordinates, mapped once
+        lay = st.compact_layout
+        sums: dict = {}
+        n = 0
+        for b in st.iter_batches(components=names, ids=ids, dtype=np.float64, batch_size=512, coefficients=True):
+            for k, v in (*b.coefficients.items(), *b.full.items()):
+                sums[k] = v.sum(0) + sums.get(k, 0.0)
+            if b.offset is not None:
+                sums[""] = b.offset.sum(0) + sums.get("", 0.0)
+            n += len(b.ids)
+        if n == 0:
+            raise InputError(f"no rows to average over in {st.uri}")
+        out = np.stack([lay.decode(k, (sums[k] / n)[None], None if "" not in sums else (sums[""] / n)[None],
+                                   np.float64)[0] if k in lay.bases else sums[k] / n for k in names])
+        return out
     total, n = None, 0
     for b in _batches(st, names, head, ids, aligner):
         s = b.contributions.sum(0)
@@ -48,6 +69,25 @@ def evaluate_ablations(st, names, head: LinearHead, masks: dict[str, np.ndarray]
     Returns ``{"labels": [n], "groups": [n] (or None), "pred": {mask: [n]}}``."""
     labels, groups, preds = [], [], {m: [] for m in masks}
     cols = [label_column] + ([group_column] if group_column else [])
+    if _coefficient_space(st, head, aligner):         # per-component logits from the stored coordinates
+        from ..store.compact import CoefficientMap
+
+        cmap = CoefficientMap(st.compact_layout, names, head.W)
+        mean_logits = means @ head.W.T                                        # [K, C]
+        for b in st.iter_batches(components=names, ids=ids, columns=cols, dtype=np.float64, batch_size=512,
+                                 coefficients=True):
+            lk = cmap(b.coefficients, b.full, b.offset)                       # [b, K, C]
+            full = lk.sum(1) + head.b
+            labels.append(label_indices(b.columns[label_column].to_pylist(), head.classes))
+            if group_column:
+                groups += [str(v) for v in b.columns[group_column].to_pylist()]
+            dev = lk - mean_logits[None]
+            for m, mask in masks.items():
+                preds[m].append((full - dev[:, mask].sum(1) if mask.any() else full).argmax(1))
+        if not labels:
+            raise InputError(f"no rows to evaluate in {st.uri}")
+        return {"labels": np.concatenate(labels), "groups": groups if group_column else None,
+                "pred": {m: np.concatenate(p) for m, p in preds.items()}}
     for b in _batches(st, names, head, ids, aligner, cols):
         c = b.contributions
         z = c.sum(1)

@@ -73,6 +73,13 @@ class Sums:
         return cls(c.shape[0], tot.sum(0), (tot ** 2).sum(0), proj.sum(0), (proj ** 2).sum(0),
                    np.einsum("ba,bka->ka", tot, proj))
 
+    @classmethod
+    def of_projections(cls, proj: np.ndarray, total: Optional[np.ndarray] = None) -> "Sums":
+        """From ``proj [b, K, A]`` = ``p_ka`` and ``total [b, A]`` = ``s_a`` (default: ``Σ_k p_ka``)."""
+        tot = proj.sum(1) if total is None else total
+        return cls(proj.shape[0], tot.sum(0), (tot ** 2).sum(0), proj.sum(0), (proj ** 2).sum(0),
+                   np.einsum("ba,bka->ka", tot, proj))
+
     def __add__(self, o: "Sums") -> "Sums":
         return Sums(self.n + o.n, self.s + o.s, self.s2 + o.s2, self.p + o.p, self.p2 + o.p2, self.sp + o.sp)
 
@@ -192,6 +199,14 @@ def compattribute(store: ContributionSource, clip=None,
                                  ids=ids):
             s = Sums.of(b.contributions[:, idx], dirs, b.contributions.sum(1))
             sums = s if sums is None else sums + s
+    elif aligner is None and getattr(store, "layout", "full") == "compact":   # in coefficient space
+        from ..store.compact import CoefficientMap
+
+        cmap = CoefficientMap(store.compact_layout, names, dirs)
+        for b in store.iter_batches(components=names, batch_size=batch_size, dtype=np.float64, ids=ids,
+                                    coefficients=True):
+            s = Sums.of_projections(cmap(b.coefficients, b.full, b.offset), b.readout @ dirs.T if subset else None)
+            sums = s if sums is None else sums + s
     else:
         for b in aligned_batches(store, aligner, components=names, batch_size=batch_size, dtype=np.float64,
                                  ids=ids):
@@ -239,16 +254,27 @@ def _distributed_sums(store, names, dirs, batch_size, with_readout: bool = False
     from ..store.schema import arrow_to_vectors
 
     cols = store.columns_for(names)
+    compact = getattr(store, "layout", "full") == "compact"
+    if compact:                       # README “Store layout”: projections from the stored coordinates
+        from ..store.compact import CoefficientMap, table_parts
+
+        layout = store.compact_layout
+        cmap = CoefficientMap(type(layout)({n: layout.bases[n] for n in names if n in layout.bases},
+                                           layout.weights), names, dirs)
 
     def block(t: pa.Table) -> pa.Table:
-        x = np.stack([arrow_to_vectors(t.column(c), np.float64) for c in cols], 1)
-        s = Sums.of(x, dirs, arrow_to_vectors(t.column("readout"), np.float64) if with_readout else None)
+        tot = arrow_to_vectors(t.column("readout"), np.float64) if with_readout else None
+        if compact:
+            s = Sums.of_projections(cmap(*table_parts(t, names, cmap.layout)), None if tot is None else tot @ dirs.T)
+        else:
+            x = np.stack([arrow_to_vectors(t.column(c), np.float64) for c in cols], 1)
+            s = Sums.of(x, dirs, tot)
         buf = io.BytesIO()
         np.savez(buf, n=np.array(s.n), s=s.s, s2=s.s2, p=s.p, p2=s.p2, sp=s.sp)
         return pa.table({"sums": pa.array([buf.getvalue()], pa.large_binary())})
 
     total = None
-    for row in store.to_ray(columns=cols + (["readout"] if with_readout else [])).map_batches(block, batch_format="pyarrow", batch_size=batch_size).iter_rows():
+    for row in store.to_ray(columns=cols + (["readout"] if with_readout else []), coefficients=compact).map_batches(block, batch_format="pyarrow", batch_size=batch_size).iter_rows():
         z = np.load(io.BytesIO(row["sums"]))
         s = Sums(int(z["n"]), z["s"], z["s2"], z["p"], z["p2"], z["sp"])
         total = s if total is None else total + s

@@ -267,10 +267,27 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------- figures
-def _overlay_axes(ax, image: np.ndarray, heat: np.ndarray, alpha: float, cmap: str) -> None:
+COLORBAR_LABEL = "heat, per image: 0 = min, 1 = max"
+
+
+def _overlay_axes(ax, image: np.ndarray, heat: np.ndarray, alpha: float, cmap: str):
     ax.imshow(image, interpolation="nearest")
-    ax.imshow(normalise(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(normalise(heat), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
+    return im
+
+
+def _colorbar(fig, mappable, axes) -> None:
+    bar = fig.colorbar(mappable, ax=axes, fraction=0.046, pad=0.02, shrink=0.9)
+    bar.set_label(COLORBAR_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    bar.solids.set_alpha(1.0)
+
+
+def _wrap(title: str, width: int = 26) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width, break_on_hyphens=False)[:3]) or title
 
 
 def overlay_png(image: np.ndarray, heat: np.ndarray, title: str = "", mask: Optional[np.ndarray] = None,
@@ -286,7 +303,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, title: str = "", mask: Opti
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9))
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_axis_off()
-    _overlay_axes(axes[1], image, heat, alpha, cmap)
+    im = _overlay_axes(axes[1], image, heat, alpha, cmap)
     if mask is not None:
         axes[2].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[2].set_axis_off()
@@ -294,6 +311,7 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, title: str = "", mask: Opti
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
+    _colorbar(fig, im, list(axes))
     return figure_bytes(fig, dpi=100)
 
 
@@ -308,17 +326,20 @@ def grid_png(images: Sequence[np.ndarray], heats: Sequence[np.ndarray], titles: 
     n = len(images)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.0 * 2 * cols, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.0 * 2 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
+    mappable = None
     for i, (im, h, t) in enumerate(zip(images, heats, titles)):
         r, c = divmod(i, cols)
         axes[r, 2 * c].imshow(im, interpolation="nearest")
-        axes[r, 2 * c].set_title(t[:28], fontsize=7)
-        _overlay_axes(axes[r, 2 * c + 1], im, h, alpha, cmap)
+        axes[r, 2 * c].set_title(_wrap(t), fontsize=7)       # names whole, wrapped
+        mappable = _overlay_axes(axes[r, 2 * c + 1], im, h, alpha, cmap)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    if mappable is not None:
+        _colorbar(fig, mappable, axes.ravel().tolist())
     return figure_bytes(fig, dpi=100)
 
 

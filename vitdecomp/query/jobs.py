@@ -234,7 +234,8 @@ def run_ablate(cfg: AblateConfig) -> dict:
                       f"{'last' if cfg.order == 'reverse' else 'first'} layer and one layer at a time; accuracy of "
                       f"the {head.kind} head on the label column {cfg.label_column!r}.",
                       {"baseline accuracy": round(base, 4), "images": n, "head": head.kind,
-                       **{f"all {k} ablated": round(v, 4) for k, v in final.items()}},
+                       **{("accuracy, every component ablated" if k == "all" else f"accuracy, every {k} ablated"):
+                          round(v, 4) for k, v in final.items()}},
                       [{"path": "ablation.png", "caption": "accuracy under mean ablation"}],
                       [{"path": "ablation.parquet", "caption": "one row per ablation set", "max_rows": 80}])
     return {"table": table, "rows": rows, "summary": summary, "head": head, "png": png, "report": report}

@@ -164,8 +164,10 @@ def read_sections(out_dir: Union[str, OutputDir], s3: Optional[S3Settings] = Non
 
 
 # --------------------------------------------------------------------------------------------- formatting
-def format_value(v: Any, max_items: int = 4, max_chars: int = 120) -> str:
-    """One cell or fact as short plain text: floats to 4 significant digits, lists/vectors abbreviated."""
+def format_value(v: Any, max_items: int = 4, max_chars: int = 240) -> str:
+    """One cell or fact as short plain text: floats to 4 significant digits; a long list of numbers is
+    summarised (count, min, mean, max); other lists show their first ``max_items`` items whole; a string
+    is cut only beyond ``max_chars``."""
     if v is None:
         return "—"
     if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
@@ -184,15 +186,20 @@ def format_value(v: Any, max_items: int = 4, max_chars: int = 120) -> str:
         return f"{v:.4g}"
     if isinstance(v, (bytes, bytearray)):
         return f"<{len(v)} bytes>"
-    inner = max(30, max_chars // 4)                 # each item of a list or mapping
     if isinstance(v, (list, tuple)):
-        shown = ", ".join(format_value(x, max_items, inner) for x in v[:max_items])
+        if len(v) > max_items and all(_is_number(x) for x in v):
+            finite = [float(x) for x in v if not (isinstance(x, float) and math.isnan(x))]
+            if not finite:
+                return f"{len(v)} values, all NaN"
+            return (f"{len(v)} values: min {format_value(min(finite))}, mean "
+                    f"{format_value(sum(finite) / len(finite))}, max {format_value(max(finite))}")
+        # names (strings) are shown whole; a long list is cut by count, never inside an item
+        shown = ", ".join(format_value(x, max_items, max_chars) for x in v[:max_items])
         more = f", … ({len(v)} items)" if len(v) > max_items else ""
-        s = f"[{shown}{more}]"
-    elif isinstance(v, dict):
-        s = ", ".join(f"{k}: {format_value(x, max_items, inner)}" for k, x in v.items())
-    else:
-        s = str(v)
+        return f"[{shown}{more}]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {format_value(x, max_items, max_chars)}" for k, x in v.items())
+    s = str(v)
     return s if len(s) <= max_chars else s[:max_chars - 1] + "…"
 
 
@@ -300,6 +307,7 @@ dl.facts dt{font-weight:600}dl.facts dd{margin:0;font-family:ui-monospace,monosp
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #ddd}
 figcaption,.tcap{color:#444;font-size:.9rem}div.table{overflow-x:auto}
 table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ddd;padding:.2rem .5rem;text-align:left}
+td{max-width:32rem;overflow-wrap:anywhere;vertical-align:top}
 th{background:#f5f5f7}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 tbody tr:nth-child(even){background:#fafafa}footer{color:#888;font-size:.8rem;margin-top:3rem}
 """
