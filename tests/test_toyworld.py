@@ -154,6 +154,11 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
         assert r["ap"] == pytest.approx(average_precision_by_hand(norm, mask), abs=1e-9)
     summary = json.loads((tmp_path / "demo-summary.json").read_text())
     assert set(summary["reports"]) == {"clip", "classifier"}
+    # one index page links every report the demo wrote (queries, the by-image retrieval, both TextSpans)
+    index = (tmp_path / "index.html").read_text()
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("report.html"))
+    assert len(written) == 5 and all(f'href="{w}"' in index for w in written), (written, index)
+    assert "open " + str(tmp_path / "index.html") in out
     assert set(summary["clip_zero_shot"]) >= {"shape"}
     # the classifier's group accuracies on the test split, recomputed from the stored readouts through its head
     head = vd.load_model(TOY_VIT, checkpoint=s["models"]["classifier"]["checkpoint"]).model.get_classifier()

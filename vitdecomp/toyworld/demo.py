@@ -169,11 +169,53 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
                "classifier_groups": groups, "clip_zero_shot": zs, "queries": queries.get("summary", {}),
                "reports": {k: os.path.join(v, "report.html") for k, v in queries.get("out", {}).items()},
                "seconds": time.time() - t0, "stages": stages}
+    summary["index"] = write_index(workdir, summary)
     with open(os.path.join(workdir, "demo-summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     say(f"demo done in {summary['seconds']:.0f} s; outputs under {workdir} (summary: demo-summary.json)")
-    say("open the reports: " + "  ".join(summary["reports"].values()))
+    say(f"open {summary['index']}: it links every report ({len(summary['all_reports'])}) and the key figures")
     return summary
+
+
+def reports_under(workdir: str) -> list[str]:
+    """Every ``report.html`` the demo wrote (queries and fits), sorted."""
+    found = []
+    for top in ("query", "fit"):
+        for root, _, files in os.walk(os.path.join(workdir, top)):
+            found += [os.path.join(root, f) for f in files if f == "report.html"]
+    return sorted(found)
+
+
+def write_index(workdir: str, summary: dict) -> str:
+    """``workdir/index.html``: links to every report the demo wrote, with the planted-truth figures."""
+    import html
+
+    from ..query.report import _CSS, format_value
+
+    reports = reports_under(workdir)
+    summary["all_reports"] = reports
+    esc = html.escape
+    items = "".join(f'<li><a href="{esc(os.path.relpath(r, workdir))}">{esc(os.path.relpath(os.path.dirname(r), workdir))}'
+                    f"</a></li>" for r in reports)
+    facts = {"classifier accuracy (test)": summary["classifier_groups"]["accuracy"],
+             "classifier worst-group accuracy (test)": summary["classifier_groups"]["worst_group"],
+             "tiny CLIP zero-shot accuracy": summary["clip_zero_shot"]}
+    for ranking in ("signed", "compattribute"):
+        m = summary.get("queries", {}).get(f"mitigation_{ranking}")
+        if m:
+            facts[f"worst group after mitigation ({ranking} ranking)"] = m["worst_group"]
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(format_value(v, 8, 400))}</dd>" for k, v in facts.items())
+    stores = "".join(f"<li>{esc(k)}: <code>{esc(v)}</code></li>" for k, v in summary["stores"].items())
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>vitdecomp demo</title>'
+            f"<style>{_CSS}</style></head><body><header><h1>vitdecomp demo</h1>"
+            f'<p class="meta">{esc(workdir)} — {summary["seconds"]:.0f} s</p></header><main>'
+            f"<section><h2>Reports</h2><ol>{items}</ol></section>"
+            f'<section><h2>Planted-truth figures</h2><dl class="facts">{rows}</dl></section>'
+            f"<section><h2>Stores</h2><ul>{stores}</ul></section></main></body></html>\n")
+    path = os.path.join(workdir, "index.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
 
 
 def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -> dict:
