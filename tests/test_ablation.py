@@ -268,3 +268,20 @@ def test_waterbirds_lists_are_known_by_name(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("Waterbirds core: [duck]\n")
     assert named_properties(str(f))["Waterbirds core"] == ["duck"]           # a user file overrides
+
+
+def test_a_probe_fitted_or_evaluated_on_few_images_per_class_is_warned_about(world, directions, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="vitdecomp")
+    run_ablate(AblateConfig(store=world["store"], out=str(tmp_path / "ok"), label_column="label", head="probe",
+                            split_column="split", eval_split=["test"], kinds=["mlp"]))
+    assert "unreliable" not in caplog.text                       # 400 rows per split: ~200 per class
+    comps, c, cols, _ = planted(directions, n=24, seed=3)
+    small = write_store(tmp_path / "small", c.astype(np.float32), comps, dict(cols))
+    run_ablate(AblateConfig(store=small, out=str(tmp_path / "few"), label_column="label", head="probe",
+                            split_column="split", eval_split=["test"], kinds=["mlp"]))
+    fitted = [r.getMessage() for r in caplog.records if "probe is fitted on 12 images" in r.getMessage()]
+    evaluated = [r.getMessage() for r in caplog.records if "accuracy is evaluated on 12 images" in r.getMessage()]
+    assert fitted and evaluated, caplog.text
+    assert "fewer than 20 in class(es) 'cool' (" in fitted[0] and "use more labelled images" in fitted[0]

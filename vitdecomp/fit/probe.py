@@ -2,6 +2,7 @@
 classifier, or a linear probe fitted on the stored readouts (multinomial logistic regression)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -11,6 +12,8 @@ from ..config import OptionError
 from ..errors import InputError
 from ..io import S3Settings, load_artefact, save_artefact
 from ..store.splits import check_column
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +103,26 @@ def model_head(st, checkpoint: Optional[str] = None, class_names: Optional[Seque
                       if head.bias is not None else np.zeros(C), "native", {"model": st.manifest["model"]["name"]})
 
 
+MIN_IMAGES_PER_CLASS = 20     # below this, a probe's weights or an accuracy are mostly noise
+
+
+def few_per_class(labels: Sequence, classes: Sequence[str], what: str) -> Optional[str]:
+    """A warning when some class of ``classes`` has fewer than :data:`MIN_IMAGES_PER_CLASS` of ``labels``
+    (label values, mapped as :func:`label_indices` does; others are ignored), else ``None``. Logged too."""
+    counts = {c: 0 for c in classes}
+    for y in label_indices(list(labels), classes):
+        if y >= 0:
+            counts[classes[y]] += 1
+    low = {c: n for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS}
+    if not low:
+        return None
+    msg = (f"{what} on {sum(counts.values())} images, fewer than {MIN_IMAGES_PER_CLASS} in class(es) "
+           + ", ".join(f"{c!r} ({n})" for c, n in low.items())
+           + ": the figures are unreliable; use more labelled images (a larger split)")
+    log.warning(msg)
+    return msg
+
+
 def fit_probe(st, label_column: str, ids: Optional[Sequence[str]] = None, class_names=None, l2: float = 1e-3,
               max_rows: int = 200_000, max_iter: int = 200, seed: int = 0) -> tuple[LinearHead, dict]:
     """Multinomial logistic regression on the stored readouts (L-BFGS, L2 penalty ``l2``·‖W‖²,
@@ -117,6 +140,7 @@ def fit_probe(st, label_column: str, ids: Optional[Sequence[str]] = None, class_
     if not zs or sum(len(y) for y in ys) == 0:
         raise InputError(f"no labelled rows to fit a probe on in {st.uri} (label column {label_column!r})")
     z, y = np.concatenate(zs), np.concatenate(ys)
+    few_per_class(y.tolist(), classes, "the linear probe is fitted")
     if len(z) > max_rows:
         sel = np.random.default_rng(seed).choice(len(z), max_rows, replace=False)
         z, y = z[sel], y[sel]

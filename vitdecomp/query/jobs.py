@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 
@@ -184,6 +185,13 @@ def build_head(st, cfg: HeadOptions, aligner, fit_ids=None):
     return model_head(st, cfg.checkpoint, cfg.class_names)
 
 
+def _warn_few_evaluated(st, label_column: str, ids, classes) -> Optional[str]:
+    from ..fit.probe import few_per_class
+
+    labels = st.read(columns=[label_column], ids=ids).column(label_column).to_pylist()
+    return few_per_class(labels, list(classes), "accuracy is evaluated")
+
+
 def _needs_probe_fit(st, cfg: HeadOptions, aligner) -> bool:
     return head_kind(st, cfg, aligner) == "probe" and not cfg.probe
 
@@ -219,6 +227,7 @@ def run_ablate(cfg: AblateConfig) -> dict:
             raise OptionError("fit_split", "the probe needs rows of its own: give a fit split disjoint from the "
                                            "evaluated split, or a fitted probe")
     head = build_head(st, cfg, aligner, fit_ids=fit_ids)
+    _warn_few_evaluated(st, cfg.label_column, ids, head.classes)
     table, rows, n = ablation_curves(st, head, cfg.label_column, ids=ids, aligner=aligner, order=cfg.order,
                                      kinds=cfg.kinds or ("all", "attn", "mlp"))
     out.write_parquet("ablation.parquet", table)
@@ -287,6 +296,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
         scores = np.array([sc[by[n], 0] - sc[by[n], 1] if n in by else -np.inf for n in names])
         comps = [{"component": n, "spurious": float(sc[by[n], 0]), "core": float(sc[by[n], 1]),
                   "score": float(scores[i])} for i, n in enumerate(names) if n in by]
+    _warn_few_evaluated(st, cfg.label_column, eval_ids, head.classes)
     means = component_means(st, names, head, fit_ids, aligner)       # the ablation means (fit rows)
     if cfg.ranking == "signed":
         scores = signed_push(st, names, head, fit_ids, cfg.label_column, cfg.group_column, means, aligner)
