@@ -113,9 +113,6 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
 
     history, best, best_state, stale = [], -np.inf, None, 0
     t0 = time.time()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_epochs, desc="CompAlign", unit="epoch", disable=not progress)
     for epoch in range(cfg.max_epochs):
         tr_cos, tr_n = 0.0, 0
         for c, z in batches("train"):
@@ -133,9 +130,7 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
                 tr_n += len(idx)
         val = evaluate("val")
         history.append({"epoch": epoch + 1, "train_cosine": tr_cos / max(tr_n, 1), "val_cosine": val})
-        bar.update(1)
-        bar.set_postfix(train_cos=f"{tr_cos / max(tr_n, 1):.4f}", val_cos=f"{val:.4f}")
-        if progress:
+        if progress:                      # one log line per epoch: the only progress display (no bar)
             log.info("CompAlign epoch %d/%d train cos %.4f val cos %.4f (%.0f s)", epoch + 1, cfg.max_epochs,
                      tr_cos / max(tr_n, 1), val, time.time() - t0)
         if val > best + cfg.min_delta:
@@ -145,7 +140,6 @@ def fit(batches: Callable[[str], Iterable[tuple[np.ndarray, np.ndarray]]], names
             stale += 1
             if stale >= cfg.patience:
                 break
-    bar.close()
     if best_state is None:
         raise InputError("CompAlign saw no validation data: raise val_fraction or add images")
     metrics = {"history": history, "best_val_cosine": best, "epochs": len(history), "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(AlignConfig)}}
