@@ -53,8 +53,9 @@ ABLATION_HELP = {
     "core": "mitigate: the core property's name (e.g. 'Waterbirds core')",
     "properties": "YAML/JSON name: [descriptions…] added to the defaults",
     "k": "mitigate: how many components to mean-ablate (default 10)",
-    "ranking": "mitigate: compattribute (README “Query”: spurious − core) or signed (README “The toy world”: signed logit push towards the "
-               "class the group predicts; needs labels on the fit rows)",
+    "ranking": "mitigate: compattribute (CompAttribute of the spurious property − of the core one) or signed "
+               "(signed logit push towards the class the group predicts; needs labels on the fit rows); formulas in "
+               "docs/method.md, “Spurious-feature mitigation”",
     "protocol": "mitigate: heldout (choose on --fit-split, evaluate on --eval-split) or same-pool (the published "
                 "protocol: choose and evaluate on the same rows)",
     "val_fraction": "without --split-column: fraction of ids (by hash) used to choose components",
