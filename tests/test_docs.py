@@ -255,3 +255,20 @@ def test_method_page_states_the_codes_defaults():
     assert "top $k$ (default 10" in page
     assert {f.name: f.default for f in dataclasses.fields(RetrieveConfig)}["index_threshold"] == 100_000
     assert "Below 100,000 rows" in page
+
+
+README_REF = re.compile(r"README\s+“([^”]+)”")
+
+
+def test_readme_section_references_in_code_name_existing_headings():
+    """Help texts, report summaries and comments cite README sections as README “Title”: the title must
+    begin a heading of README.md (“Query” names "Query: CompAttribute, …")."""
+    headings = [HEADING.match(line).group(2) for _, line in prose_lines((ROOT / "README.md").read_text())
+                if HEADING.match(line)]
+    dead = []
+    for path in sorted([*(ROOT / "vitdecomp").rglob("*.py"), *(ROOT / "jobs").rglob("*.py")]):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for title in README_REF.findall(line):
+                if not any(h.startswith(title) for h in headings):
+                    dead.append(f"{path.relative_to(ROOT)}:{n}: README “{title}”")
+    assert not dead, "README sections that do not exist:\n" + "\n".join(dead)
