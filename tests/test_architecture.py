@@ -170,6 +170,11 @@ def test_importing_the_engine_loads_no_ray_lance_or_pyarrow():
     assert _loaded_after("import vitdecomp.engine", ["ray", "lance", "pyarrow"]) == []
 
 
+def test_importing_the_store_loads_no_torch_or_timm():
+    # the store (and the explorer that reads it) names components; it needs no model code
+    assert _loaded_after("import vitdecomp.store", ["torch", "timm", "open_clip", "ray"]) == []
+
+
 def test_building_the_cli_parser_loads_no_torch_or_ray():
     assert _loaded_after("import vitdecomp.cli\nvitdecomp.cli.build_parser()", ["torch", "ray"]) == []
 

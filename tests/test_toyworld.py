@@ -159,6 +159,16 @@ def test_small_demo_produces_every_artefact_and_reruns_from_cache(ray_local, tmp
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("report.html"))
     assert len(written) == 5 and all(f'href="{w}"' in index for w in written), (written, index)
     assert "open " + str(tmp_path / "index.html") in out
+    # the demo ends with the explorer's command for each store, and its options parse
+    from vitdecomp.cli import build_parser
+
+    serve = [line.strip() for line in lines if line.strip().startswith("vitdecomp serve ")]
+    assert len(serve) == 2 and all(os.path.isdir(s["stores"][k]) for k in ("clip", "classifier"))
+    for cmd in serve:
+        ns = build_parser().parse_args(cmd.split()[1:])
+        assert os.path.exists(ns.checkpoint) and os.path.exists(os.path.join(ns.fit, "textspan.parquet"))
+    for k in ("clip", "classifier"):
+        assert (q[k] / "interpretability.parquet").exists() and f"interpretability_{k}" in summary["queries"]
     assert set(summary["clip_zero_shot"]) >= {"shape"}
     # the classifier's group accuracies on the test split, recomputed from the stored readouts through its head
     head = vd.load_model(TOY_VIT, checkpoint=s["models"]["classifier"]["checkpoint"]).model.get_classifier()

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
-    from . import benchmark, decompose, demo, fit, query, store
+    from . import benchmark, decompose, demo, fit, query, reproduce, serve, store
     from .examples import Formatter, finish
 
     p = argparse.ArgumentParser(prog="vitdecomp", formatter_class=Formatter, description="Exact per-component decomposition of vision models "
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     query.add_parser(sub)
     store.add_parser(sub)
+    serve.add_parser(sub)
     benchmark.add_parser(sub)
+    reproduce.add_parser(sub)
     finish(p)
     return p
 
@@ -65,8 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose, quiet=args.quiet)
     command = " ".join(x for x in (args.command, getattr(args, "fit", None), getattr(args, "query", None),
-                                   getattr(args, "benchmark", None), getattr(args, "store_command", None)) if x)
-    if args.command in ("decompose", "fit", "query", "demo", "benchmark"):
+                                   getattr(args, "benchmark", None), getattr(args, "store_command", None),
+                                   getattr(args, "reproduce", None)) if x)
+    if args.command in ("decompose", "fit", "query", "demo", "benchmark", "serve", "reproduce"):
         import importlib
 
         importlib.import_module("vitdecomp.toyworld")      # the built-in world's model names (demo stores)

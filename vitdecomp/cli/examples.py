@@ -31,12 +31,17 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("query", "heatmap"): f"vitdecomp query heatmap --store {DEMO}/stores/clip --image-ids test-000001 "
                           f"--text 'a red object' --out query/clip",
     ("query", "report"): "vitdecomp query report --out query/clip",
+    ("query", "interpretability"): f"vitdecomp query interpretability --textspan {DEMO}/fit/textspan-clip "
+                                   f"--properties {DEMO}/world-properties.yaml --out query/clip",
+    ("serve",): f"vitdecomp serve --store {DEMO}/stores/clip --fit {DEMO}/fit/textspan-clip --query {DEMO}/query/clip "
+                f"--checkpoint {DEMO}/cache/clip-<key>.safetensors",
     ("store", "check"): f"vitdecomp store check {DEMO}/stores/clip",
     ("store", "repair"): f"vitdecomp store repair {DEMO}/stores/clip --apply",
     ("benchmark",): "vitdecomp benchmark overhead --model timm:vit_base_patch16_224",
     ("benchmark", "overhead"): "vitdecomp benchmark overhead --model timm:vit_base_patch16_224 --batch 32",
     ("benchmark", "job"): "vitdecomp benchmark job --images 200",
     ("benchmark", "toyworld"): "vitdecomp benchmark toyworld --seeds 3",
+    ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000 --workdir /tmp/vd-explorer",
 }
 
 

@@ -3,12 +3,28 @@
 ``decompose(model, images)`` returns a :class:`Decomposition` whose ``contributions [B, K, d]`` sum
 to the model's own readout; ``components_for(model)`` lists the components without running it.
 Rules for module types live in :mod:`vitdecomp.engine.rules`; names in :mod:`vitdecomp.engine.names`.
-Importing this package loads torch (and timm for its rule registrations), never Ray, Lance or pyarrow.
+The names below load on first use (PEP 562), so ``vitdecomp.engine.names`` (component names, used by
+the store) imports neither torch nor timm; the engine itself loads torch and timm, never Ray, Lance
+or pyarrow.
 """
-from .engine import Decomposition, block_paths, components_for, decompose, select_blocks
-from .names import Component
-from .rules import register_rule
-from .rules.models import plan_for
+from __future__ import annotations
 
-__all__ = ["Component", "Decomposition", "block_paths", "components_for", "decompose", "plan_for",
-           "register_rule", "select_blocks"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"Decomposition": ".engine", "block_paths": ".engine", "components_for": ".engine",
+            "decompose": ".engine", "select_blocks": ".engine", "Component": ".names",
+            "register_rule": ".rules", "plan_for": ".rules.models"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

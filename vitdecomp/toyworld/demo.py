@@ -168,13 +168,30 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
     summary = {"workdir": workdir, "world": world, "metadata": meta, "models": models, "stores": stores, "fits": fits,
                "classifier_groups": groups, "clip_zero_shot": zs, "queries": queries.get("summary", {}),
                "reports": {k: os.path.join(v, "report.html") for k, v in queries.get("out", {}).items()},
-               "seconds": time.time() - t0, "stages": stages}
+               "seconds": time.time() - t0, "stages": stages, "query_dirs": queries.get("out", {})}
     summary["index"] = write_index(workdir, summary)
     with open(os.path.join(workdir, "demo-summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     say(f"demo done in {summary['seconds']:.0f} s; outputs under {workdir} (summary: demo-summary.json)")
     say(f"open {summary['index']}: it links every report ({len(summary['all_reports'])}) and the key figures")
+    for line in serve_commands(workdir, summary):
+        say(line)
     return summary
+
+
+def serve_commands(workdir: str, summary: dict) -> list[str]:
+    """The ``vitdecomp serve`` command for each of the demo's stores (the explorer)."""
+    models, fits, stores = summary["models"], summary["fits"], summary["stores"]
+    props = os.path.join(workdir, "world-properties.yaml")
+    clip_ck = models["clip"]["checkpoint"]
+    out = summary.get("query_dirs", {})
+    lines = ["explore the stores in a browser (one command each; http://127.0.0.1:8000):"]
+    for name, extra in (("clip", ""), ("classifier", f" --aligner {fits['aligner']} --clip-checkpoint {clip_ck}")):
+        ck = models[name]["checkpoint"]
+        query = f" --query {out[name]}" if name in out else ""
+        lines.append(f"  vitdecomp serve --store {stores[name]} --fit {fits[f'textspan_{name}']}{query} "
+                     f"--checkpoint {ck} --properties {props}{extra}")
+    return lines
 
 
 def reports_under(workdir: str) -> list[str]:
@@ -222,9 +239,10 @@ def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -
     """Every query subcommand on the demo's stores, each into one report per store."""
     import yaml
 
-    from ..config import AblateConfig, CompAttributeConfig, HeatmapConfig, MitigateConfig, RetrieveConfig
+    from ..config import (AblateConfig, CompAttributeConfig, HeatmapConfig, InterpretabilityConfig, MitigateConfig,
+                          RetrieveConfig)
     from ..query.heatmap_job import run_heatmap
-    from ..query.jobs import run_ablate, run_compattribute, run_mitigate, run_retrieve
+    from ..query.jobs import run_ablate, run_compattribute, run_interpretability, run_mitigate, run_retrieve
     from .generate import write_masks
 
     props = os.path.join(workdir, "world-properties.yaml")
@@ -282,6 +300,11 @@ def _query_stage(workdir, world, world_cfg, stores, models, fits, small: bool) -
                                components=[f"blocks.{last}.attn", f"blocks.{last - 1}.attn"], class_index="pred",
                                image_ids=[f"test/{i:05d}" for i in range(8 if small else 24)], masks_dir=masks))
     res["heatmap_classifier"] = r.get("summary")
+    # interpretability scores from each model's TextSpan texts (labels per head, association, entanglement)
+    for name in ("clip", "classifier"):
+        r = run_interpretability(InterpretabilityConfig(textspan=fits[f"textspan_{name}"], out=out[name],
+                                                        properties=props))
+        res[f"interpretability_{name}"] = r["summary"]
     return {"out": out, "summary": res}
 
 
