@@ -8,7 +8,7 @@ from vitdecomp.query.compattribute import Sums, basis, scores
 
 
 def direct(c: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """SPEC §6 written directly: mean over directions of Pearson(Σ_j c_j·q_a, c_k·q_a), per component."""
+    """docs/method.md “CompAttribute” written directly: mean over directions of Pearson(Σ_j c_j·q_a, c_k·q_a), per component."""
     tot = c.sum(1)
     out = np.zeros(c.shape[1])
     for k in range(c.shape[1]):
@@ -121,7 +121,7 @@ def test_compattribute_array_path_equals_store_path(tmp_path):
 
 
 def test_a_subset_of_components_is_scored_against_the_total_of_all(tmp_path):
-    """SPEC §6: s_a is ⟨Σ_j c_j, q_a⟩ over every component, also when only some are scored — on arrays,
+    """docs/method.md “CompAttribute”: s_a is ⟨Σ_j c_j, q_a⟩ over every component, also when only some are scored — on arrays,
     on a store (its readout) in this process and with Ray, and through an aligner (every mapped one)."""
     import vitdecomp as vd
     from jobutil import synthetic_components, write_store

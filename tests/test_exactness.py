@@ -1,4 +1,4 @@
-"""Exactness of the decomposition (SPEC §2.3) over every supported family, random weights."""
+"""Exactness of the decomposition (docs/method.md “The readout chain and frozen statistics”) over every supported family, random weights."""
 from __future__ import annotations
 
 import pytest

@@ -132,7 +132,7 @@ def test_pool_heads_view_sums_to_the_readout():
 
 def test_pool_view_components_are_the_pool_heads_and_mlp():
     """pool_view(): one component per pool head (hand-written from timm's own pool), the pool MLP and an
-    input-independent bias — SPEC §2.1's attn_pool components."""
+    input-independent bias — the attn_pool components of docs/method.md “The residual stream as a sum”."""
     m, x = siglip(MODELS[0], torch.float64), images(torch.float64)
     d = vd.decompose(m, x)
     v = d.pool_view()

@@ -1,4 +1,4 @@
-"""One head and one MLP per family against formulas written here from the weights (SPEC §2.3).
+"""One head and one MLP per family against formulas written here from the weights (docs/method.md “The readout chain and frozen statistics”).
 
 Nothing in this file uses the engine's rules: the block input and the last residual stream are
 captured with plain forward hooks, and the head's readout-row attention, its value path, the

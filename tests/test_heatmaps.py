@@ -1,4 +1,4 @@
-"""Token heatmaps and zero-shot segmentation (SPEC §7): a hand-written per-token direct effect, a
+"""Token heatmaps and zero-shot segmentation (docs/method.md “Token heatmaps and segmentation”): a hand-written per-token direct effect, a
 planted patch, the metrics on hand-computed cases, and `vitdecomp query heatmap` on tiny stores."""
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from vitdecomp.fit.textspan import Moments, textspan, textspan_batched, textspan
 
 
 def direct_textspan(X: np.ndarray, T: np.ndarray, m: int, rank: int):
-    """SPEC §5 on the data matrix itself (no moments): SVD, projection, deflation of C and texts.
+    """docs/method.md “TextSpan” on the data matrix itself (no moments): SVD, projection, deflation of C and texts.
     Returns the picks, the reconstruction ``[N, d]`` and the variance explained after each pick."""
     _, _, vt = np.linalg.svd(X, full_matrices=False)          # right singular vectors of the uncentred X
     V = vt[:rank].T
@@ -92,7 +92,7 @@ def test_table_and_errors():
     assert [r["component"] for r in rows] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
     assert {r["text"] for r in rows[:3]} == {f"text {i}" for i in hidden}
     both = textspan_batched(mo.n, mo.mean, mo.xtx, T, m=3, rank=10)
-    # every component against SPEC §5 written out on its raw data (SVD of X, not the moments)
+    # every component against docs/method.md “TextSpan” written out on its raw data (SVD of X, not the moments)
     for k, name in enumerate(["a", "b", "c"]):
         picks, _, ve = direct_textspan(data[:, k], T, 3, 10)
         mine = [r for r in rows if r["component"] == name]
