@@ -63,7 +63,7 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
     write_section(out, "compattribute", "CompAttribute: components × properties", order=10,
                   summary=f"Mean Pearson correlation, over the {st.count()} images of the store, between each "
                           "component's projection and the (aligned) total's projection on each property's "
-                          "orthonormalised description embeddings (README “Query”).",
+                          "orthonormalised description embeddings (docs/method.md, “CompAttribute”).",
                   facts={"store": st.uri, "model": st.manifest["model"]["name"], "aligner": cfg.aligner or "none",
                          "components": len(names), "properties": len(props),
                          **{f"top component: {p}": f"{c} ({sc[names.index(c), j]:+.3f})"
@@ -132,10 +132,10 @@ def run_retrieve(cfg: RetrieveConfig) -> dict:
         log.warning("contact sheet: %d of %d retrieved images could not be read and are crossed out; first: %s (%s)",
                     len(unreadable), len(hits), *unreadable[0])
     how = ("the probe text's projection of the sum of the {n} components CompAttribute ranks highest for the "
-           "property {p!r} (README “Query”, text-based retrieval by property)" if cfg.text else
+           "property {p!r} (docs/method.md, “Retrieval by property”)" if cfg.text else
            "cosine similarity, to the probe images, of the normalised sum of the {n} components that carry the "
            "property {p!r} most specifically (CompAttribute for it minus the largest for any other property; "
-           "README “Query”, image-based retrieval)").format(n=len(top), p=cfg.property)
+           "docs/method.md, “Retrieval by property”)").format(n=len(top), p=cfg.property)
     write_section(out, "retrieve", f"Retrieval: {probe} through the {cfg.property!r} components", order=20,
                   summary=f"Every image of the store ranked by {how}.",
                   facts={"store": st.uri, "property": cfg.property, "probe": probe,
@@ -372,7 +372,7 @@ def run_interpretability(cfg) -> dict:
                       "Each head's TextSpan texts matched against the properties' vocabularies: the head's label is "
                       "the property most of its texts name; association = the share of its texts that name it "
                       "(mean over labelled heads); entanglement = the share of labelled heads whose label another "
-                      "head shares (README “Explore”, interpretability scores).",
+                      "head shares (README “Interpretability scores”).",
                       {"association score": fmt(summary["association_score"]),
                        "entanglement score": fmt(summary["entanglement_score"]),
                        "labelled heads": f"{summary['labelled']} of {summary['heads']}",
