@@ -173,7 +173,7 @@ def test_query_compattribute_on_stores(stores, tmp_path):
     r = run_compattribute(CompAttributeConfig(store=stores["clip"], out=str(tmp_path / "q"), properties=str(props),
                                            cache_dir=str(tmp_path / "cache")))
     assert (tmp_path / "q" / "compattribute.parquet").exists() and (tmp_path / "q" / "compattribute.png").exists()
-    # independent: SPEC §6 on the stored contributions, property by property (numpy QR and corrcoef)
+    # independent: docs/method.md “CompAttribute” on the stored contributions, property by property (numpy QR and corrcoef)
     st = vd.open_store(stores["clip"])
     assert r["names"] == st.names and r["properties"] == list(read_properties(str(props)))
     torch.manual_seed(0)                   # the job builds random-init text models from seed 0
@@ -196,7 +196,9 @@ def test_query_compattribute_on_stores(stores, tmp_path):
     mapped = np.einsum("kod,bkd->bko", A, raw) + bias / len(aligner.names)
     emb7 = [emb[p] for p in r3["properties"]]
     assert r3["properties"] == list(vd.query.DEFAULT_PROPERTIES) and r3["names"] == aligner.names
-    np.testing.assert_allclose(r3["scores"], direct_compattribute(mapped, emb7), atol=1e-5)
+    # (the aligner maps in float32; a compact store's decoded heads are not fp16-representable, so its
+    # float32 rounding reaches the scores of this 12-image corpus at ~2e-5)
+    np.testing.assert_allclose(r3["scores"], direct_compattribute(mapped, emb7), atol=5e-5)
     with pytest.raises(InputError, match="aligner"):
         run_compattribute(CompAttributeConfig(store=stores["plain"], out=str(tmp_path / "q4")))
     with pytest.raises(InputError, match="unknown component"):

@@ -147,13 +147,15 @@ def test_store_api_equals_decompose_job(ray_local, tmp_path, fmt):
     assert jm.to_json() == raw
 
     lm = vd.load_model(MODEL)                        # random init, seed 0 (as the job's workers)
-    m = Manifest.build(lm, None, cfg, format=fmt, passthrough={"label": pa.string()}, source_kind="folder",
-                       created=jm.created)
-    assert m == jm and m.to_json() == raw
+    from vitdecomp.store.compact import build_manifest
+
+    m, basis = build_manifest(lm, None, cfg, layout=cfg.layout, format=fmt, passthrough={"label": pa.string()},
+                              source_kind="folder", created=jm.created)   # the default layout: compact
+    assert m == jm and m.to_json() == raw and jm.layout == "compact"
 
     t = job.read(columns=["image_id", "uri", "label"]).sort_by("image_id")
     ids = t.column("image_id").to_pylist()
-    api = Store.create(tmp_path / "api", m)
+    api = Store.create(tmp_path / "api", m, basis=basis)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                         # as the job's actors (one CPU each), one image per batch
     try:

@@ -50,8 +50,12 @@ def _plant_duplicates_and_orphans(st, ids):
 
 
 def _plant_orphan(st):
-    """Rows written but never committed (a commit that was cut off)."""
-    rows = st.read().slice(0, 2)
+    """Rows written but never committed (a commit that was cut off). The rows are copied as stored
+    (physical columns: a compact store's coefficients, not the expanded contributions)."""
+    if st.format == "lance":
+        rows = st._lance("contributions").to_table().slice(0, 2)
+    else:
+        rows = pq.read_table(st._parquet_files("contributions")[0], filesystem=st.fs).slice(0, 2)
     if st.format == "lance":
         import lance
 

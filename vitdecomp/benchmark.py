@@ -237,8 +237,17 @@ def job(model: str = "timm:deit_tiny_patch16_224", images: int = 500, scale: int
             "throughput_ratio": dec.steady_images_per_s / plain.steady_images_per_s,
             "plain_wall_images_per_s": plain.images_per_s, "decompose_wall_images_per_s": dec.images_per_s,
             "peak_mib_n": mem_n / 2**20, "peak_mib_10n": mem_10n / 2**20, "memory_ratio": mem_10n / mem_n,
-            "bytes_per_image": dec.bytes_per_image, "bytes_ratio": dec.bytes_per_image / (K * d * 2),
+            "bytes_per_image": dec.bytes_per_image, "bytes_ratio": dec.bytes_per_image / _payload(st),
+            "layout": st.layout,
             "large_images_per_s": dec10.images_per_s}
+
+
+def _payload(st) -> int:
+    """fp16 bytes of one row's component columns as the store's layout keeps them (``K·d·2`` when full)."""
+    import pyarrow as pa
+
+    return sum(f.type.list_size * 2 for f in st.schema() if (f.name.startswith("c_") or f.name == "chain_offset")
+               and pa.types.is_fixed_size_list(f.type))
 
 
 # ----------------------------------------------------------------------------------- toy world
@@ -391,3 +400,362 @@ def toyworld(seeds: int = 3, ks=(5, 8), workdir: str = ".vitdecomp-demo") -> dic
         res = textspan_one(mo.n, mo.mean[0], mo.xtx[0], texts, m=3, rank=32)
         spans[c.name] = [(pool[i], attribute(pool[i])) for i in res.picks]
     return {"zero_shot": zs, "runs": runs, "textspan": spans, "ks": list(ks)}
+
+
+# ------------------------------------------------------------------------------ resume planning
+def _rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _resume_child(mode: str, uri: str, listing: int, block: int, q) -> None:
+    """In a fresh process: build the listing (``listing`` ids, as a folder source would hold), then plan
+    the resume against the store at ``uri`` with ``mode`` ("old": the driver-side id set of
+    ``Store.done_ids``; "new": :func:`vitdecomp.pipeline.resume.not_stored`; "empty": nothing stored)
+    and report seconds, peak RSS growth over the listing, the inputs left to do, and the time of one
+    read task's in-task anti-join (``StoredIds.present`` on ``block`` ids)."""
+    import threading
+
+    import psutil
+
+    from .pipeline.resume import StoredIds, not_stored
+    from .store import open_store
+
+    ids = _bench_ids(listing)
+    st = open_store(uri)              # opening the store and the scan machinery is common to every mode
+    st.read(columns=["image_id"], ids=[ids[0]])
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    if mode == "old":
+        skip = open_store(uri).done_ids()
+        todo = sum(1 for i in ids if i not in skip)
+    elif mode == "new":
+        stored = StoredIds.of(open_store(uri))
+        todo = int(not_stored(ids, stored).sum())
+    else:
+        todo = len(ids)
+    seconds = time.perf_counter() - t0
+    done.set()
+    th.join()
+    peak = max(peak, proc.memory_info().rss)
+    task_s = None
+    if mode == "new":
+        stored = StoredIds.of(open_store(uri))
+        t1 = time.perf_counter()
+        stored.present(ids[-block:])
+        task_s = time.perf_counter() - t1
+    q.put({"mode": mode, "seconds": seconds, "added_mib": (peak - base) / 2**20, "todo": todo, "task_s": task_s})
+
+
+def _bench_ids(n: int) -> list[str]:
+    """``n`` image ids shaped like a folder's relative paths (100 class folders)."""
+    return [f"class{i % 100:03d}/img{i:08d}.jpg" for i in range(n)]
+
+
+def build_id_store(uri: str, rows: int, fmt: str = "lance", error_share: float = 0.01, chunk: int = 65_536) -> str:
+    """A store holding ``rows`` ids (the first ``rows`` of :func:`_bench_ids`; every 1/``error_share``-th
+    as an error row) with a minimal schema (``image_id``, ``uri``), written through the Store API in
+    commits of ``chunk`` ids — no model runs. Reused when it exists with that many ids."""
+    import pyarrow as pa
+
+    from .config import DecomposeOptions
+    from .engine import components_for
+    from .store import Manifest, Store
+    from .store.schema import ERRORS_SCHEMA
+
+    st = Store(uri)
+    if st.exists() and st.count() + st.read(columns=["image_id"], table="errors").num_rows == rows:
+        return uri
+    lm = load_model("timm:deit_tiny_patch16_224", load_weights=False)
+    m = Manifest.build(lm, components_for(lm, blocks=[11], heads=False), DecomposeOptions(), format=fmt,
+                       source_kind="benchmark", readout_only=True)
+    st = Store.create(uri, m, schema=pa.schema([pa.field("image_id", pa.string()), pa.field("uri", pa.string())]))
+    every = max(1, int(round(1 / error_share))) if error_share else 0
+    ids = _bench_ids(rows)
+    now = int(time.time() * 1000)
+    for s in range(0, rows, chunk):
+        part = ids[s:s + chunk]
+        err = [i for k, i in enumerate(part, s) if every and k % every == 0]
+        good = [i for k, i in enumerate(part, s) if not (every and k % every == 0)]
+        errors = pa.table({"image_id": err, "uri": err, "stage": ["decode"] * len(err), "reason": ["bench"] * len(err),
+                           "time": pa.array([now] * len(err), pa.timestamp("ms", tz="UTC"))}, schema=ERRORS_SCHEMA)
+        st.commit(st.write_uncommitted(pa.table({"image_id": good, "uri": good}, schema=st.schema())), errors)
+    return uri
+
+
+def resume(rows: int = 1_000_000, new: float = 0.1, fmt: str = "lance", workdir: Optional[str] = None,
+           block: int = 65_536) -> dict:
+    """Resume planning against a store holding ``rows`` ids, for a listing of ``rows·(1+new)`` inputs:
+    the old driver-side id set (``Store.done_ids``) vs the streamed anti-join, each in a fresh
+    process: seconds and peak RSS growth over holding the listing (targets at 1 M ids: ≤ 30 s,
+    ≤ 100 MB); plus the in-task anti-join of one read task's block of ``block`` ids."""
+    import multiprocessing as mp
+    import tempfile
+
+    work = workdir or tempfile.mkdtemp(prefix="vitdecomp-resume-")
+    t0 = time.perf_counter()
+    uri = build_id_store(os.path.join(work, f"ids-{rows}-{fmt}"), rows, fmt)
+    build_s = time.perf_counter() - t0
+    listing = int(rows * (1 + new))
+    out = {"rows": rows, "listing": listing, "format": fmt, "build_s": build_s, "block": block}
+    ctx = mp.get_context("spawn")
+    import queue
+
+    for mode in ("empty", "old", "new"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_resume_child, args=(mode, uri, listing, block, q))
+        p.start()
+        while True:
+            try:
+                out[mode] = q.get(timeout=5)
+                break
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"the {mode!r} measurement process died (exit code {p.exitcode}; "
+                                       "killed for memory?) — rerun with fewer --rows") from None
+        p.join()
+    return out
+
+
+# ------------------------------------------------------------------------------------ explorer
+def explorer(rows: int = 1_000_000, workdir: Optional[str] = None, layout: str = "compact", d: int = 128,
+             blocks: int = 2, heads: int = 4, head_dim: int = 16, queries: int = 5, exact: bool = True) -> dict:
+    """The explorer (``vitdecomp serve``) on a synthetic store of ``rows`` images
+    (:func:`vitdecomp.store.synthetic.write_synthetic_store`; reused when present): seconds from
+    opening the store to the first page served over HTTP, to build the Lance vector index of one
+    head, and per nearest-neighbour query through the index (the per-head neighbours page of a store
+    image, rendered), against one exact scan of the same query. Targets at 1 M rows: first page
+    ≤ 3 s, a query ≤ 1 s once the index exists."""
+    import tempfile
+    import urllib.request
+
+    from .config import ServeConfig
+    from .serve import build
+    from .serve.app import start_server
+    from .store import Store
+    from .store.synthetic import write_synthetic_store
+
+    work = workdir or tempfile.mkdtemp(prefix="vitdecomp-explorer-")
+    uri = os.path.join(work, f"synthetic-{rows}-{layout}-d{d}")
+    t0 = time.perf_counter()
+    st = Store(uri)
+    if not (st.exists() and st.count() == rows):
+        if st.exists():
+            raise ValueError(f"{uri} holds another store; remove it or pick another workdir")
+        write_synthetic_store(uri, rows, layout=layout, d=d, blocks=blocks, heads=heads, head_dim=head_dim)
+    write_s = time.perf_counter() - t0
+    cache = os.path.join(work, "explorer-cache")
+    comp = f"blocks.{blocks - 1}.attn.head.1"
+
+    def get(url: str, hits: int = 0) -> tuple[float, int]:
+        t = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=600) as r:
+            body = r.read()
+        took = time.perf_counter() - t
+        if body.count(b'class="hit"') < hits:
+            raise RuntimeError(f"{url} answered without its {hits} results")
+        return took, len(body)
+
+    cold_s = _cold_start(uri, cache)
+
+    t0 = time.perf_counter()
+    ex, app = build(ServeConfig(store=uri, index_cache=cache, port=0, index_threshold=1))     # always the index
+    srv, url = start_server(app)
+    try:
+        _, size = get(url + "/")
+        first_page_s = time.perf_counter() - t0
+        heads_page_s, _ = get(f"{url}/heads?component={comp}")
+        t1 = time.perf_counter()
+        import glob
+
+        had_index = bool(glob.glob(os.path.join(cache, ex.version, "index-*.lance.done")))
+        ex.index([comp])
+        index_s = time.perf_counter() - t1
+        rng = np.random.default_rng(0)
+        probes = [f"img-{i:07d}" for i in rng.integers(0, rows, queries)]
+        times = [get(f"{url}/heads?component={comp}&image_id={p}&k=16", hits=16)[0] for p in probes]
+        exact_s = None
+        if exact:
+            from .query.retrieval import exact_search
+
+            t2 = time.perf_counter()
+            probe = ex.vector_of(probes[0], [comp])
+            exact_search(ex.st, [comp], probe, 16, (probes[0],))
+            exact_s = time.perf_counter() - t2
+    finally:
+        srv.shutdown()
+    return {"rows": rows, "layout": layout, "d": d, "components": len(ex.names), "store": uri, "write_s": write_s,
+            "cold_start_s": cold_s,
+            "first_page_s": first_page_s, "first_page_bytes": size, "heads_page_s": heads_page_s,
+            "index_s": index_s, "index_cached": had_index, "query_s": times, "query_median_s": float(np.median(times)),
+            "query_max_s": float(np.max(times)), "exact_s": exact_s, "component": comp}
+
+
+def _cold_start(store: str, cache: str, timeout: float = 300.0) -> float:
+    """Seconds from launching ``vitdecomp serve`` in a fresh process (imports included) to its first page."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "vitdecomp.cli", "serve", "--store", store, "--port", "0",
+                          "--index-cache", cache, "-q"], stdout=subprocess.PIPE, text=True)
+    try:
+        import re
+
+        line = p.stdout.readline()
+        m = re.search(r"(http://\S+?)/? ", line)
+        if not m:
+            raise RuntimeError(f"vitdecomp serve printed {line!r}")
+        with urllib.request.urlopen(m.group(1) + "/", timeout=timeout) as r:
+            r.read()
+        return time.perf_counter() - t0
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+# ------------------------------------------------------------------ store layouts at scale (README “Store layout”)
+SCALE_SHAPE = {"d": 128, "blocks": 4, "heads": 4, "head_dim": 32}
+VITB_SHAPE = {"d": 768, "blocks": 12, "heads": 12, "head_dim": 64}
+
+
+def _scale_child(uri: str, passes: tuple, q) -> None:
+    """One store's passes in a fresh process: seconds per pass and the process's peak RSS."""
+    import resource
+
+    from .fit.probe import LinearHead
+    from .fit.textspan import moments_from_store
+    from .query.ablation import ablation_masks, component_means, evaluate_ablations
+    from .query.compattribute import compattribute
+    from .store import open_store
+    from .store.synthetic import planted_directions
+
+    st = open_store(uri)
+    names = st.names
+    out = {}
+    timed = {}
+
+    def best(key, fn, reps: int = 2) -> None:          # the faster of two runs (the machine is shared)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        timed[key] = min(ts)
+
+    heads = [c.name for c in st.components if c.kind == "head"]
+    dirs = planted_directions(st)
+
+    def scan():                 # the baseline: a raw Lance scan of the same columns, no decoding
+        for _ in st._lance("contributions").to_batches(columns=["readout", "label", "group",
+                                                                *st.columns_for(names)], batch_size=8192):
+            pass
+
+    head = LinearHead("probe", ["neg", "pos"], np.stack([-dirs[0], dirs[0]]), np.zeros(2))
+    masks = {i: m["mask"] for i, m in enumerate(ablation_masks(st.components, names))}
+
+    def ablate():
+        means = component_means(st, names, head, None)
+        evaluate_ablations(st, names, head, masks, means, None, "label")
+
+    fns = {"scan": scan, "textspan": lambda: moments_from_store(st, heads, distributed=False, batch_size=8192),
+           "compattribute": lambda: compattribute(st, None, {"planted": dirs}, distributed=False, batch_size=8192),
+           "ablate": ablate}
+    scan()                      # warm the file cache once, so every pass reads the same way
+    for key in passes:
+        best(key, fns[key])
+    out.update(timed)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put(out)
+
+
+def _in_child(fn, *args) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def scale(rows=(10_000, 100_000), workdir: Optional[str] = None, shape: Optional[dict] = None,
+          passes=("scan", "textspan", "compattribute", "ablate")) -> dict:
+    """Synthetic stores of each size in both layouts (reused when present): per pass seconds ÷ a raw Lance
+    scan of the same columns, peak RSS, bytes per image and the compact-vs-full speedup."""
+    import tempfile
+
+    from .store import open_store
+    from .store.synthetic import write_synthetic_store
+
+    shape = dict(shape or SCALE_SHAPE)
+    workdir = workdir or tempfile.mkdtemp(prefix="vitdecomp-scale-")
+    out = {"shape": shape, "workdir": workdir, "sizes": []}
+    for n in rows:
+        entry = {"rows": n}
+        for layout in ("full", "compact"):
+            uri = os.path.join(workdir, f"{layout}-{n}-" + "-".join(str(v) for v in shape.values()))
+            t0 = time.perf_counter()
+            try:
+                st = open_store(uri)
+                if st.count() != n:
+                    raise ValueError("incomplete")
+            except Exception:       # noqa: BLE001 -- (re)write a missing or partial store
+                import shutil
+
+                shutil.rmtree(uri, ignore_errors=True)
+                st = write_synthetic_store(uri, n, layout=layout, **shape)
+            res = _in_child(_scale_child, uri, tuple(passes))
+            res["write_s"] = time.perf_counter() - t0
+            res["bytes_per_image"] = st.nbytes() / n
+            entry[layout] = res
+        out["sizes"].append(entry)
+    return out
+
+
+def layout_bytes(model: str, blocks=None, images: int = 4, seed: int = 0) -> dict:
+    """Bytes per image of the compact and full fp16 layouts for ``model`` (random init), and each layout's
+    per-component max relative error against the fp32 in-process decomposition."""
+    import tempfile
+
+    from .config import DecomposeOptions
+    from .store import Store
+    from .store.compact import build_manifest
+
+    torch.manual_seed(seed)
+    lm = load_model(model, pretrained=False)
+    x = torch.randn(images, 3, *lm.image_size, generator=torch.Generator().manual_seed(seed + 1))
+    dec = decompose(lm, x, blocks=blocks)
+    ref = dec.contributions.double().numpy()
+    out = {"model": model, "blocks": "all" if blocks is None else f"{min(blocks)}-{max(blocks)}",
+           "components": len(dec.names), "d": ref.shape[-1]}
+    heads = [k for k, c in enumerate(dec.components) if c.kind == "head"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in ("full", "compact"):
+            opts = DecomposeOptions(dtype="fp16", blocks=None if blocks is None else f"{min(blocks)}-{max(blocks)}")
+            m, basis = build_manifest(lm, dec.components, opts, layout=layout)
+            st = Store.create(os.path.join(tmp, layout), m, basis=basis)
+            st.append(dec, [f"i{k}" for k in range(images)])
+            got = next(st.iter_batches(batch_size=images, dtype=np.float64)).contributions
+            den = np.linalg.norm(ref, axis=-1)
+            err = np.linalg.norm(got - ref, axis=-1) / np.where(den > 0, den, 1.0)
+            widths = m.widths()
+            out[layout] = {"bytes_per_image": st.nbytes() / images, "max_rel_error": float(err.max()),
+                           "max_rel_error_heads": float(err[:, heads].max()) if heads else 0.0,
+                           "head_bytes": sum(widths.get(dec.names[k], ref.shape[-1]) for k in heads) * 2}
+    return out

@@ -290,6 +290,7 @@ class DecomposeOptions(Config):
     convention: Literal["centered", "uniform"] = "centered"
     normalize: bool = False
     dtype: Literal["fp16", "fp32"] = "fp16"
+    layout: Literal["compact", "full"] = "compact"   # README “Store layout”; an existing store keeps its own
 
     def validate(self) -> None:
         super().validate()

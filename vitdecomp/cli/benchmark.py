@@ -25,7 +25,8 @@ def print_job(r: dict) -> None:
           f"({r['decompose_wall_images_per_s']:.1f} incl. start-up)   ratio {r['throughput_ratio']:.3f} (target >= 0.8)")
     print(f"  peak memory (driver + local Ray)  N: {r['peak_mib_n']:.0f} MiB   {r['scale']}N: {r['peak_mib_10n']:.0f} "
           f"MiB   ratio {r['memory_ratio']:.3f} (target <= 1.1)")
-    print(f"  stored bytes/image {r['bytes_per_image']:.0f} = {r['bytes_ratio']:.3f} x components*d*2 (target <= 1.05)")
+    print(f"  stored bytes/image {r['bytes_per_image']:.0f} = {r['bytes_ratio']:.3f} x the fp16 payload of the "
+          f"component columns ({r.get('layout', 'full')} layout; components*d*2 when full) (target <= 1.05)")
 
 
 
@@ -66,6 +67,78 @@ def print_toyworld(r: dict) -> None:
                   f"(per seed: {', '.join(f'{g * 100:+.1f}' for g in gain)}); ablated (seed 0): "
                   f"{', '.join(r['runs'][0][f'compattribute{k}']['ablated'])}")
 
+def print_resume(r: dict) -> None:
+    print(f"resume  store of {r['rows']} ids ({r['format']}), listing of {r['listing']} inputs "
+          f"(store ready in {r['build_s']:.1f} s)")
+    for mode, text in (("empty", "no store (baseline)        "), ("old", "driver-side id set (before) "),
+                       ("new", "streamed anti-join (now)    ")):
+        x = r[mode]
+        print(f"  {text} {x['seconds']:6.2f} s   peak RSS +{x['added_mib']:6.1f} MiB over the listing   "
+              f"{x['todo']} to do")
+    new, old = r["new"], r["old"]
+    print(f"  now vs before: {new['seconds'] / max(old['seconds'], 1e-9):.2f}x the time, "
+          f"{new['added_mib'] / max(old['added_mib'], 1e-9):.2f}x the memory "
+          f"(targets: <= 30 s and <= 100 MB at 1M ids: {'met' if new['seconds'] <= 30 and new['added_mib'] <= 100 else 'NOT met'})")
+    print(f"  one read task's in-task anti-join of {r['block']} ids: {new['task_s']:.2f} s")
+
+
+def print_explorer(r: dict) -> None:
+    print(f"explorer  synthetic store of {r['rows']:,} rows ({r['layout']} layout, d={r['d']}, {r['components']} "
+          f"components) at {r['store']} (written/opened in {r['write_s']:.1f} s)")
+    print(f"  time to first page      {r['first_page_s']:.2f} s  (open the store, start the app, serve /; target <= 3 s)")
+    print(f"  cold start              {r['cold_start_s']:.2f} s  (`vitdecomp serve` in a fresh process, imports included, "
+          "to its first page)")
+    print(f"  per-head page (picker)  {r['heads_page_s']:.2f} s")
+    print(f"  vector index of {r['component']}: {r['index_s']:.1f} s" + (" (cached)" if r["index_cached"] else " (built)"))
+    print(f"  nearest-neighbour query {r['query_median_s']:.3f} s median, {r['query_max_s']:.3f} s max over "
+          f"{len(r['query_s'])} probes (page rendered; target <= 1 s)")
+    if r["exact_s"] is not None:
+        print(f"  exact scan of the same query {r['exact_s']:.2f} s = {r['exact_s'] / r['query_median_s']:.0f}x the "
+              "indexed query")
+
+
+def print_scale(r: dict) -> None:
+    sh = r["shape"]
+    print(f"scale  synthetic stores (d={sh['d']}, {sh['blocks']} blocks x {sh['heads']} heads, head_dim "
+          f"{sh['head_dim']}, fp16, lance) in {r['workdir']}")
+    passes = [p for p in ("textspan", "compattribute", "ablate") if p in r["sizes"][0]["full"]]
+    for e in r["sizes"]:
+        print(f"  N={e['rows']:,}")
+        for layout in ("full", "compact"):
+            x = e[layout]
+            print(f"    {layout:<8s} {x['bytes_per_image']:8.0f} B/image  raw scan {x['scan']:7.2f} s  " +
+                  "  ".join(f"{p} {x[p]:7.2f} s = {x[p] / x['scan']:.2f}x scan" for p in passes) +
+                  f"  peak RSS {x['peak_rss_mib']:.0f} MiB")
+        print("    compact vs full: bytes " + f"{e['full']['bytes_per_image'] / e['compact']['bytes_per_image']:.2f}x "
+              "smaller; speedup " + ", ".join(f"{p} {e['full'][p] / e['compact'][p]:.2f}x" for p in passes))
+    if len(r["sizes"]) > 1:
+        a, b = r["sizes"][-2], r["sizes"][-1]
+        print(f"  peak RSS {b['rows']:,} vs {a['rows']:,} rows: " + ", ".join(
+            f"{layout} {b[layout]['peak_rss_mib'] / a[layout]['peak_rss_mib']:.2f}x" for layout in ("full", "compact"))
+            + " (goal <= 1.1)")
+    print("  goals: each pass <= 1.3x a raw scan of the same columns")
+
+
+def print_layout_bytes(rows: list) -> None:
+    print("layout  bytes per image, fp16, compact vs full (random weights; error vs the fp32 in-process decomposition)")
+    for r in rows:
+        f, c = r["full"], r["compact"]
+        print(f"  {r['model']} blocks {r['blocks']} ({r['components']} components, d={r['d']}): full "
+              f"{f['bytes_per_image'] / 1024:.1f} KiB, compact {c['bytes_per_image'] / 1024:.1f} KiB = 1/"
+              f"{f['bytes_per_image'] / c['bytes_per_image']:.2f}; head columns alone 1/{f['head_bytes'] / max(c['head_bytes'], 1):.2f}")
+        print(f"    max relative error per component: full {f['max_rel_error']:.2e}, compact {c['max_rel_error']:.2e} "
+              f"({c['max_rel_error'] / max(f['max_rel_error'], 1e-30):.2f}x; heads {c['max_rel_error_heads']:.2e} vs "
+              f"{f['max_rel_error_heads']:.2e})")
+    print("  targets: ViT-B/16 all blocks <= 1/5, open_clip ViT-B-16 <= 1/4, last 4 blocks' heads <= 1/7; error <= 1.5x full")
+
+
+def _layout_rows(a) -> list:
+    lib = _lib()
+    return [lib.layout_bytes("timm:vit_base_patch16_224", images=a.images),
+            lib.layout_bytes("open_clip:ViT-B-16", images=a.images),
+            lib.layout_bytes("timm:vit_base_patch16_224", blocks=range(8, 12), images=a.images)]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="performance benchmarks (ratios measured in one run)",
                        description="Performance benchmarks. Each prints the ratios its targets are stated in.")
@@ -104,6 +177,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--k", type=int, nargs="+", default=[5, 8], help="numbers of ablated components (default 5 8)")
     t.add_argument("--workdir", default=".vitdecomp-demo", help="the demo's working directory (world and cache)")
     t.set_defaults(func=lambda a: print_toyworld(_lib().toyworld(a.seeds, tuple(a.k), a.workdir)))
+    r = bsub.add_parser("resume", help="resume planning against a store of N ids: driver seconds and memory",
+                        description="Write a store holding N image ids (minimal schema, no model run; reused when "
+                                    "present), then plan a resume for a listing of N·(1+new) inputs, each way in a "
+                                    "fresh process: the old driver-side id set vs the streamed anti-join (and one "
+                                    "read task's in-task anti-join). Prints seconds and peak RSS growth over holding "
+                                    "the listing. Targets at 1M ids: <= 30 s and <= 100 MB. Example: vitdecomp "
+                                    "benchmark resume --rows 1000000")
+    r.add_argument("--rows", type=int, default=1_000_000, help="ids in the store (default 1000000)")
+    r.add_argument("--new", type=float, default=0.1, help="share of inputs not yet stored (default 0.1)")
+    r.add_argument("--format", default="lance", choices=["lance", "parquet"], help="store format (default lance)")
+    r.add_argument("--workdir", default=None, help="where the store goes (default: a temp dir)")
+    r.set_defaults(func=lambda a: print_resume(_lib().resume(a.rows, a.new, a.format, a.workdir)))
+    e = bsub.add_parser("explorer", help="the explorer on a synthetic store: first page, index build, NN query",
+                        description="Write a synthetic store of N rows (reused when present), start the explorer on "
+                                    "it and time the first page over HTTP, the Lance vector index of one head and "
+                                    "nearest-neighbour queries through it (against one exact scan). Targets at 1M "
+                                    "rows: first page <= 3 s, a query <= 1 s once the index exists.")
+    e.add_argument("--rows", type=int, default=1_000_000, help="rows of the synthetic store (default 1000000)")
+    e.add_argument("--layout", default="compact", choices=["compact", "full"], help="store layout (default compact)")
+    e.add_argument("--d", type=int, default=128, help="readout dimension (default 128)")
+    e.add_argument("--queries", type=int, default=5, help="timed queries (default 5)")
+    e.add_argument("--no-exact", dest="exact", action="store_false", help="skip the exact-scan comparison")
+    e.add_argument("--workdir", default=None, help="where the store and the index cache go (default: a temp dir)")
+    e.set_defaults(func=lambda a: print_explorer(_lib().explorer(a.rows, a.workdir, a.layout, a.d,
+                                                                 queries=a.queries, exact=a.exact)))
+    sc = bsub.add_parser("scale", help="synthetic stores of N rows, both layouts: passes vs a raw scan, RSS, bytes",
+                         description="Write synthetic stores (random coefficients with planted structure, a real "
+                                     "manifest, no model run; full and compact layouts; reused when present) and run "
+                                     "fit textspan, query compattribute and query ablate on each in a fresh process. "
+                                     "Prints per N: seconds per pass / a raw Lance scan of the same columns (goal <= "
+                                     "1.3), peak RSS (goal <= 1.1x from 100k to 1M rows), bytes per image and the "
+                                     "compact-vs-full speedup. Example: vitdecomp benchmark scale --rows 10000,100000,1000000")
+    sc.add_argument("--rows", default="10000,100000", help="comma-separated store sizes (default 10000,100000)")
+    sc.add_argument("--shape", default="128,4,4,32", help="d,blocks,heads,head_dim (default 128,4,4,32; ViT-B: 768,12,12,64)")
+    sc.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
+    sc.set_defaults(func=lambda a: print_scale(_lib().scale(
+        [int(v) for v in a.rows.split(",")], a.workdir,
+        dict(zip(("d", "blocks", "heads", "head_dim"), (int(v) for v in a.shape.split(",")))))))
+    lb = bsub.add_parser("layout", help="bytes per image and error of the compact vs full layout for ViT-B models",
+                         description="Decompose a few random images with timm vit_base_patch16_224 (all blocks, and "
+                                     "the last 4 blocks) and open_clip ViT-B-16 (random weights), store them fp16 in "
+                                     "both layouts and print bytes per image and per-component max relative error vs "
+                                     "the fp32 in-process decomposition.")
+    lb.add_argument("--images", type=int, default=4, help="images decomposed (default 4)")
+    lb.set_defaults(func=lambda a: print_layout_bytes(_layout_rows(a)))
     o.set_defaults(func=lambda a: print_overhead(_lib().overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
                                                           threads=a.threads)))
 

@@ -21,6 +21,8 @@ HELP = {
     "convention": "how input-independent offsets are shared: centered (default; exact, granularity-independent) or uniform (the TextSpan paper's convention)",
     "normalize": "divide contributions by the readout's norm (CLIP retrieval space)",
     "dtype": "storage precision of vector columns: fp16 (default) or fp32; computation is fp32",
+    "layout": "store layout of a new store: compact (default; attention heads as exact coordinates in a per-head "
+              "basis, 4-6x smaller for ViT-B) or full (one vector per component); an existing store keeps its layout",
     "batch_size": "images per batch for decoding and per model call (default 32)",
     "concurrency": "model actors in the pool (default 1; one GPU each when the cluster has GPUs)",
     "teacher": "open_clip model whose normalised image embedding is stored as 'teacher' (needed by CompAlign)",

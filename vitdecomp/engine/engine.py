@@ -38,6 +38,10 @@ class Decomposition:
     pool, Swin, MaxViT) the head's direct effect at each position of its stream, ``N = gh·gw`` of its
     stage in image coordinates (``token_grids[name]``), see :meth:`token_map`.
 
+    ``offset [B, d]``: the readout chain's total offset (its maps' offsets carried through the later
+    maps, divided by ``‖z‖`` when normalised); component ``k`` holds ``w_k · offset`` of it (``w``: the
+    convention's offset weights). The compact store layout uses it (:mod:`vitdecomp.store.compact`).
+
     ``pool_heads [B, Hp, d]`` (attention-pool readouts, SigLIP): a second, coarser view of the same
     readout — the pool's attention output per pool head (values of the real last stream, value bias
     included), carried through the linear part of the readout chain. With the pool's
@@ -56,6 +60,7 @@ class Decomposition:
     diagnostics: dict = field(default_factory=dict)
     token_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     pool_heads: Optional[Tensor] = None
+    offset: Optional[Tensor] = None
 
     def index(self, name: str) -> int:
         return N.select(self.names, [name])[0]
@@ -367,24 +372,27 @@ def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention
     w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
     name_idx = {c.name: k for k, c in enumerate(comps)}
     tok = {name: (t, w[name_idx[name]].expand(t.shape[1]) / t.shape[1]) for name, (t, _, _) in raw_tokens.items()}
-    stack, tok, _, z = _through_chain(plan.post, total, stack, tok, w, convention, normalize, z, diag)
+    stack, tok, _, z, offset = _through_chain(plan.post, total, stack, tok, w, convention, normalize, z, diag)
     return Decomposition(
         names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
         tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
-        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag)
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag, offset=offset)
 
 
 def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, convention: str, normalize: bool,
                    z: Tensor, diag: dict, extra: Optional[Tensor] = None):
     """Carry the pooled terms ``stack [B, K, D]``, the token terms and an optional extra view
     ``[B, ·, D]`` through the frozen readout chain ``post`` (norms and matrices, offsets shared by
-    ``w``; ``total`` is the running readout), then divide by ``‖z‖`` when ``normalize``."""
+    ``w``; ``total`` is the running readout), then divide by ``‖z‖`` when ``normalize``. Also returns
+    the chain's total offset ``[B, d]`` (each map's offset carried through the later maps)."""
+    offset = torch.zeros_like(total)
     for op in post:
         if op.spec is not None:
             m, total = norm_map(op.spec, total, convention)
         else:
             m, total = matrix_map(op.weight, op.bias, total)
         stack = apply_map(m, stack, w)
+        offset = m.linear(offset) + (m.offset if m.offset is not None else 0)
         tok = {name: (apply_map(m, t, tw), tw) for name, (t, tw) in tok.items()}
         extra = m.linear(extra) if extra is not None else None
     if normalize:
@@ -392,9 +400,10 @@ def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, con
         stack = stack * scale[:, None, None]
         tok = {name: (t * scale[:, None, None], tw) for name, (t, tw) in tok.items()}
         extra = extra * scale[:, None, None] if extra is not None else None
+        offset = offset * scale[:, None]
         z = z * scale[:, None]
     diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
-    return stack, tok, extra, z
+    return stack, tok, extra, z, offset
 
 
 # --------------------------------------------------------------------- per-position readouts
@@ -516,7 +525,7 @@ def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, conventi
             t = t + (extra + w[k] * maps.offset)[:, None] / n
         tok[name] = (t, w[k].expand(n) / n)
     ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
-    stack, tok, ph, z = _through_chain(maps.post, total, stack, tok, w, convention, normalize, z, diag, ph)
+    stack, tok, ph, z, _ = _through_chain(maps.post, total, stack, tok, w, convention, normalize, z, diag, ph)
     grids = plan.grids(hw)
     unit_level = {u.name: u.level for u in units}
     token_grids = {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}

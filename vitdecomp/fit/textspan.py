@@ -42,7 +42,8 @@ class Moments:
     def of(cls, x: np.ndarray) -> "Moments":
         """From a batch ``x [b, K, d]``."""
         x = np.asarray(x, np.float64)
-        return cls(x.shape[0], x.sum(0), np.einsum("bki,bkj->kij", x, x))
+        xt = np.ascontiguousarray(x.transpose(1, 2, 0))                  # [K, d, b]: one batched BLAS product
+        return cls(x.shape[0], x.sum(0), xt @ xt.transpose(0, 2, 1))
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.n + other.n, self.sum + other.sum, self.xtx + other.xtx)
@@ -85,7 +86,10 @@ class Moments:
 
 def moments_from_store(store, components: Sequence[str], *, distributed: bool = True,
                        batch_size: int = 1024) -> Moments:
-    """One pass over the store: per-block moments of ``components`` (model space), merged."""
+    """One pass over the store: per-block moments of ``components`` (model space), merged. A compact
+    store's heads are accumulated in coefficient space (README “Store layout”) and mapped once."""
+    if getattr(store, "layout", "full") == "compact":
+        return _coefficient_moments(store, components, distributed, batch_size)
     cols = store.columns_for(components)
     if not distributed:
         total = None
@@ -111,6 +115,37 @@ def moments_from_store(store, components: Sequence[str], *, distributed: bool = 
     if total is None:
         raise InputError(f"{store.uri} holds no rows")
     return total
+
+
+def _coefficient_moments(store, components: Sequence[str], distributed: bool, batch_size: int) -> Moments:
+    """:func:`moments_from_store` on a compact store: ``UᵀU`` per head instead of ``XᵀX``, mapped on the driver."""
+    from ..store.compact import CoefficientMoments, table_parts
+
+    from ..engine.names import select
+
+    names = [store.names[i] for i in select(store.names, list(components))]
+    layout = store.compact_layout
+    total = CoefficientMoments(names)
+    if not distributed:
+        for b in store.iter_batches(components=names, batch_size=batch_size, dtype=np.float64, coefficients=True):
+            total.add(b.coefficients, b.full, b.offset, layout)
+    else:
+        import pyarrow as pa
+
+        sub = type(layout)({n: layout.bases[n] for n in names if n in layout.bases}, layout.weights)
+
+        def block(t: pa.Table) -> pa.Table:
+            coef, full, off = table_parts(t, names, sub)
+            return pa.table({"m": pa.array([CoefficientMoments(names).add(coef, full, off, sub).to_bytes()],
+                                           pa.large_binary())})
+
+        ds = store.to_ray(columns=store.columns_for(names), coefficients=True)
+        for row in ds.map_batches(block, batch_format="pyarrow", batch_size=batch_size).iter_rows():
+            total = total + CoefficientMoments.from_bytes(row["m"])
+    if total.n == 0:
+        raise InputError(f"{store.uri} holds no rows")
+    n, s, xtx = total.moments(layout, store.manifest["d"])
+    return Moments(n, s, xtx)
 
 
 @dataclass

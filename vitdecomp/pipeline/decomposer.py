@@ -38,6 +38,12 @@ class DecomposeWorker:
         self.tsize = (3, *self.teacher.image_size) if self.teacher else None
         self.schema = pa.ipc.read_schema(pa.py_buffer(spec["schema"]))
         self.node = node_id()
+        self.codec = None                       # compact layout: heads stored as basis coordinates
+        if spec.get("compact"):
+            from ..store.compact import CompactLayout
+
+            self.codec = CompactLayout.from_bytes(spec["basis"], spec["compact"], "the decompose job's basis")
+        self.checked = False
 
     def __call__(self, t: pa.Table) -> pa.Table:
         import torch
@@ -51,6 +57,7 @@ class DecomposeWorker:
         K = len(spec["components"])
         contrib = np.zeros((n, K, d), np.float32)
         readout = np.zeros((n, d), np.float32)
+        offset = np.zeros((n, d), np.float32)
         teacher = np.zeros((n, self.teacher.readout.dim), np.float32) if self.teacher else None
         if len(idx):
             px = t.column("_pixels").to_pylist()
@@ -68,6 +75,10 @@ class DecomposeWorker:
                                          "driver and workers must run the same vitdecomp and model")
                 contrib[idx] = dec.contributions.float().cpu().numpy()
                 readout[idx] = dec.readout.float().cpu().numpy()
+                if dec.offset is not None:
+                    offset[idx] = dec.offset.float().cpu().numpy()
+                if self.codec is not None and not self.checked:   # the bases fit this actor's model
+                    self._check(dec)
             if self.teacher is not None:
                 tp = t.column("_tpixels").to_pylist()
                 tx = torch.from_numpy(np.stack([np.frombuffer(tp[i], np.float32).reshape(self.tsize) for i in idx]))
@@ -79,12 +90,25 @@ class DecomposeWorker:
         rows = rows_table(self.schema, names, t.column("image_id").to_pylist(),
                           t.column("uri").to_pylist() if "uri" in t.column_names else None,
                           {c: t.column(c) for c in passthrough_names(self.schema)}, readout,
-                          contrib if names else None, teacher, valid=ok)
+                          contrib if names else None, teacher, valid=ok, codec=self.codec if names else None,
+                          offset=offset)
         out = {c: rows.column(c) for c in rows.column_names}
         out["_error"] = t.column("_error")
         if "_decode_node" in t.column_names:
             out["_decode_node"] = t.column("_decode_node")
         out["_model_node"] = pa.array([self.node] * n, pa.string())
         return pa.table(out)
+
+    def _check(self, dec) -> None:
+        """Once per actor: the compact bases reconstruct this model's head contributions (fp64 check)."""
+        from ..store.compact import VERIFY_TOL
+
+        off = dec.offset.double().cpu().numpy() if dec.offset is not None else None
+        errs = self.codec.residual(dec.names, dec.contributions.double().cpu().numpy(), off)
+        worst = max(errs, key=errs.get)
+        if errs[worst] > 10 * VERIFY_TOL:
+            raise VitdecompError(f"the store's compact basis does not fit the model this worker loaded ({worst}: "
+                                 f"relative error {errs[worst]:.1e}); driver and workers must load the same weights")
+        self.checked = True
 
 

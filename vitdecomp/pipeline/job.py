@@ -6,9 +6,13 @@ Pipeline (one streaming Ray Data execution)::
       → DecomposeWorker (actor pool: loads the model once; GPU when the cluster has one)
       → write_block (tasks: uncommitted Lance fragments or Parquet files, Store.write_uncommitted) → driver commits
 
-The driver commits what the writers produced every ``--commit-every`` images (error rows first,
-then data). Work that is cut off leaves only uncommitted files, so a rerun — which skips every
-committed id — never duplicates a row and redoes at most the chunks that were in flight.
+The driver commits what the writers produced in chunks of at most ``--commit-every`` images (error
+rows first, then data; each written file holds at most that many rows). Commits are idempotent (a
+retry after a lost reply never adds a chunk twice). A rerun skips stored ids by anti-joins against
+the store (:mod:`vitdecomp.pipeline.resume`), never by a driver-side id set. Work that is cut off
+leaves only uncommitted files (orphans, removed by the next run or ``vitdecomp store vacuum``), so a
+rerun — which skips every committed id — never duplicates a row and redoes at most the chunks that
+were in flight.
 """
 from __future__ import annotations
 
@@ -225,24 +229,30 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
     from ..store.maintenance import remove_orphans
     from .decode import decode_block
     from .decomposer import DecomposeWorker
+    from .resume import StoredIds
     from .sources import open_source
     from .write import write_block
 
-    if existed:
+    stored = None
+    if store.exists():                        # (looked at under the lease: a run that just ended is seen)
         orphans = remove_orphans(store)       # files of cut-off commits (no other writer: we hold the lease)
         if orphans:
             log.info("removed %d orphan files left by an earlier run that was cut off", len(orphans))
-    skip = store.done_ids() if existed else set()
+        stored = StoredIds.of(store)          # a handle (versions/files), not the ids: skipped by anti-joins
     src = open_source(cfg.input, cfg.source, s3=s3, label_from_folder=cfg.label_from_folder, id_column=cfg.id_column,
                       uri_column=cfg.uri_column, bytes_column=cfg.bytes_column, columns=cfg.columns,
-                      skip_ids=skip, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids, read_cpus=plan["read"])
+                      stored=stored, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids, read_cpus=plan["read"])
+    from ..store.compact import layout_for_run
+
+    layout_fields, basis = layout_for_run(cfg, store, components)    # README “Store layout”
     manifest = Manifest.build(lm, components, cfg, format=cfg.format, teacher=teacher, passthrough=src.passthrough,
                               source_kind=src.kind, seed=cfg.seed, readout_only=cfg.readout_only,
                               pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
-                              teacher_pretrained=cfg.teacher_pretrained, teacher_checkpoint=cfg.teacher_checkpoint)
+                              teacher_pretrained=cfg.teacher_pretrained, teacher_checkpoint=cfg.teacher_checkpoint,
+                              layout_fields=layout_fields)
     schema = manifest.schema()
-    store.initialize(manifest, schema)        # refuses a store whose manifest differs
-    summary = Summary(store=cfg.output, skipped=len(skip), inputs=src.notes.get("inputs"),
+    store.initialize(manifest, schema, basis=basis)   # refuses a store whose manifest differs
+    summary = Summary(store=cfg.output, skipped=stored.rows if stored else 0, inputs=src.notes.get("inputs"),
                       skipped_by_rule=src.notes.get("skipped_by_rule", 0),
                       already_stored=src.notes.get("already_stored"), left_by_limit=src.notes.get("left_by_limit", 0))
     if src.dataset is None:
@@ -257,7 +267,9 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
             "device": "cuda" if use_gpu else "cpu", "blocks": blocks, "heads": cfg.heads,
             "convention": cfg.convention, "normalize": cfg.normalize, "dtype": cfg.dtype,
             "components": [c.name for c in components], "readout_only": cfg.readout_only,
-            "schema": schema.serialize().to_pybytes(), "seed": cfg.seed, "extensions": list(extension_modules())}
+            "schema": schema.serialize().to_pybytes(), "seed": cfg.seed, "extensions": list(extension_modules()),
+            "compact": store.manifest.get("compact") if store.layout == "compact" else None,
+            "basis": basis if basis is not None or store.layout != "compact" else store.basis_bytes()}
     s3d = {"endpoint": s3.endpoint, "region": s3.region}
     decode_kw = {"resources": cfg.decode_resources} if cfg.decode_resources else {}
     worker_kw = {"resources": cfg.worker_resources} if cfg.worker_resources else {}
@@ -278,8 +290,10 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
                         num_gpus=1 if use_gpu else 0, num_cpus=plan["actor"], **worker_kw)
     # writers are I/O-bound and must never starve behind decoding and the model (else nothing is
     # committed until the end and results pile up in the object store)
+    # (each written file holds at most commit_every rows, so that every commit can hold at most that many)
     ds = ds.map_batches(write_block, batch_format="pyarrow", batch_size=None, num_cpus=plan["write"],
-                        fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d))
+                        fn_args=(cfg.output, cfg.format, schema.serialize().to_pybytes(), s3d),
+                        fn_kwargs={"max_rows": cfg.commit_every})
 
     pending: list[dict] = []
     pending_errors: list[dict] = []
@@ -295,7 +309,7 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
             err_tbl = pa.Table.from_pylist(pending_errors).append_column(
                 "time", pa.array([now.value] * len(pending_errors), pa.timestamp("ms", tz="UTC")))
         lease.check()                         # never commit after another run took the store over
-        store.commit(pending, err_tbl)
+        store.commit(pending, err_tbl, chunk=f"{lease.holder}-{summary.commits + 1}")
         summary.written += sum(p["rows"] for p in pending)
         summary.errors += len(pending_errors)
         summary.commits += 1
@@ -318,29 +332,45 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
                     per = placement.setdefault(stage, {})
                     per[rec[stage]] = per.get(rec[stage], 0) + rec["inputs"]
                 continue
+            if pending_rows + rows > cfg.commit_every:
+                commit()                      # a commit holds at most commit_every images (rows + error rows)
             if kind == "error":
                 pending_errors.append(rec)
             else:
                 rec["rows"] = rows
                 pending.append(rec)
             pending_rows += rows
-        if pending_rows >= cfg.commit_every:
-            commit()
+            if pending_rows >= cfg.commit_every:
+                commit()
     t_last = time.time()
     commit()
+    orphans = remove_orphans(store)           # files of failed write attempts (nothing is in flight any more)
+    if orphans:
+        log.info("removed %d orphan files (failed write attempts)", len(orphans))
     if t_first is not None and t_last > t_first and n_seen > n_first:
         summary.steady_images_per_s = (n_seen - n_first) / (t_last - t_first)
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     summary.nodes = {stage: {address.get(k, k or "?"): c for k, c in per.items()} for stage, per in placement.items()}
-    return _finish(summary, store, t0)
+    before = stored.data_rows if stored else 0
+    return _finish(summary, store, t0, before if before >= 0 else None)
 
 
-def _finish(summary: Summary, store: Store, t0: float) -> Summary:
+# the end-of-run check reads every stored id (Arrow, ≈ 25 bytes each) only up to this many rows; above,
+# it checks that the store grew by exactly the rows this run committed (`vitdecomp store check` reads all)
+DISTINCT_CHECK_MAX_ROWS = 1_000_000
+
+
+def _finish(summary: Summary, store: Store, t0: float, rows_before: Optional[int] = None) -> Summary:
     summary.seconds = time.time() - t0
     summary.total_rows = store.count()
-    ids = store.read(columns=["image_id"]).column("image_id")
-    if len(pc.unique(ids)) != len(ids):
-        raise StoreError(f"{store.uri}: some image ids are stored more than once; run `vitdecomp store check "
-                         f"{store.uri}` to see them and `vitdecomp store repair {store.uri} --apply` to keep one copy")
+    fix = (f"run `vitdecomp store check {store.uri}` to see them and `vitdecomp store repair {store.uri} --apply` "
+           "to keep one copy")
+    if rows_before is not None and summary.total_rows != rows_before + summary.written:
+        raise StoreError(f"{store.uri}: the store holds {summary.total_rows} rows, but {rows_before} were stored "
+                         f"before this run and it committed {summary.written}: some rows are stored twice; {fix}")
+    if summary.total_rows <= DISTINCT_CHECK_MAX_ROWS:
+        ids = store.read(columns=["image_id"]).column("image_id")
+        if len(pc.unique(ids)) != len(ids):
+            raise StoreError(f"{store.uri}: some image ids are stored more than once; {fix}")
     summary.bytes_per_image = store.nbytes() / summary.total_rows if summary.total_rows else 0.0
     return summary

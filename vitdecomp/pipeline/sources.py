@@ -26,6 +26,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -34,6 +35,7 @@ from ..config import OptionError
 from ..errors import InputError
 from ..io import S3Settings, is_s3, resolve
 from ..store.schema import RESERVED
+from .resume import StoredIds, not_stored
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +259,13 @@ def _walk_local(root: str) -> Listing:
 
 def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None, label_from_folder: bool = False,
                 id_column: Optional[str] = None, uri_column: Optional[str] = None, bytes_column: Optional[str] = None,
-                columns: Optional[list[str]] = None, skip_ids: Optional[set] = None, limit: Optional[int] = None,
-                dedupe_ids: bool = False, read_cpus: Optional[float] = None) -> Source:
-    """Open ``uri`` as a Ray Dataset of images to decompose (rows in ``skip_ids`` left out where cheap).
-    ``read_cpus``: CPUs each read task reserves (default: Ray Data's), for clusters with very few CPUs.
+                columns: Optional[list[str]] = None, stored: Optional["StoredIds"] = None,
+                limit: Optional[int] = None, dedupe_ids: bool = False, read_cpus: Optional[float] = None) -> Source:
+    """Open ``uri`` as a Ray Dataset of images to decompose, leaving out the ids ``stored`` holds
+    (:class:`~vitdecomp.pipeline.resume.StoredIds`, a handle on the store being resumed; no id set):
+    a folder's listing is anti-joined on the driver before anything is read, table and WebDataset
+    blocks in their read tasks. ``read_cpus``: CPUs each read task reserves (default: Ray Data's), for
+    clusters with very few CPUs.
 
     ``notes`` of the result: ``skipped_by_rule`` (hidden files, duplicate paths, dropped duplicate ids)
     and, where known, ``inputs`` (everything listed, skipped entries included). Table inputs with
@@ -288,7 +293,10 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
             raise InputError(f"input folder {uri!r} holds no files"
                              + (f" ({listing.skipped_total} entries skipped by rule: {dict(listing.skipped)})"
                                 if listing.skipped_total else ""))
-        todo = [e for e in listing.entries if not skip_ids or e.rel not in skip_ids]
+        todo = listing.entries
+        if stored is not None and not stored.empty:
+            keep = not_stored([e.rel for e in todo], stored)
+            todo = [e for e, k in zip(todo, keep) if k]
         notes["already_stored"] = len(listing.entries) - len(todo)
         notes["left_by_limit"] = max(0, len(todo) - limit) if limit is not None else 0
         if limit is not None:
@@ -360,7 +368,6 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
             raise OptionError("columns", f"{missing} are not columns of {uri!r} (columns: {names})")
         passthrough = pa.schema([pa.field(c, _arrow(types[c])) for c in keep])
         _check_passthrough(passthrough, uri)
-        done = frozenset(skip_ids or ())
         # every row needs a unique id (it keys the store and resumption): checked before any work
         id_cols = dict(id_column=id_column, uri_column=uri_column, bytes_column=bytes_column)
         key = id_column or uri_column or bytes_column
@@ -385,7 +392,7 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
                         len(scan["dups"]), scan["nulls"])
         dups = frozenset(scan["dups"])
 
-        def to_rows(t: pa.Table, done_ids: set, drop: frozenset = frozenset()) -> pa.Table:
+        def to_rows(t: pa.Table, stored: Optional[StoredIds], drop: frozenset = frozenset()) -> pa.Table:
             n = t.num_rows
             uris = t.column(uri_column).cast(pa.string()) if uri_column else pa.nulls(n, pa.string())
             data = t.column(bytes_column).cast(pa.large_binary()) if bytes_column else pa.nulls(n, pa.large_binary())
@@ -398,15 +405,18 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
                 cols[c] = t.column(c)
             cols["_input_error"] = pa.array([why if e else None for e in no_image], pa.string())
             out = pa.table(cols)
-            mask = pa.array([i is not None and i not in done_ids and i not in drop for i in ids])
-            return out.filter(mask)
+            mask = np.array([i is not None and i not in drop for i in ids], bool)
+            if stored is not None and mask.any():          # anti-join with the store, in this read task
+                mask &= ~stored.present(out.column("image_id"))
+            return out.filter(pa.array(mask))
 
-        ds = ds.map_batches(to_rows, batch_format="pyarrow", fn_args=(done, dups if dedupe_ids else frozenset()), **_mb)
+        live = stored if stored is not None and not stored.empty else None
+        ds = ds.map_batches(to_rows, batch_format="pyarrow", fn_args=(live, dups if dedupe_ids else frozenset()), **_mb)
         if dedupe_ids and dups:
             # the first row of each duplicate id, in table order, is read here and joins the others
             firsts = _first_rows(_table_batches(uri, fs, path, s3, names, _isin(key, types[key], dups)), dups,
                                  **id_cols)
-            ds = ds.union(ray.data.from_arrow(to_rows(firsts, done)))
+            ds = ds.union(ray.data.from_arrow(to_rows(firsts, live)))
         if limit is not None:
             ds = ds.limit(limit)
         return Source(kind, uri, ds, passthrough, None, {"uri_column": uri_column, "bytes_column": bytes_column,
@@ -429,9 +439,9 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
     other = [m for m in members if m not in image_members and (columns is None or m in columns)]
     passthrough = pa.schema([pa.field(m, pa.string()) for m in other])
     _check_passthrough(passthrough, uri)
-    done = frozenset(skip_ids or ())
+    live = stored if stored is not None and not stored.empty else None
 
-    def wds_rows(t: pa.Table, done_ids: set) -> pa.Table:
+    def wds_rows(t: pa.Table, stored: Optional[StoredIds]) -> pa.Table:
         urls = t.column("__url__").to_pylist() if "__url__" in t.column_names else [""] * t.num_rows
         keys = t.column("__key__").to_pylist()
         ids = [f"{posixpath.basename(u)}/{k}" for u, k in zip(urls, keys)]
@@ -449,9 +459,11 @@ def open_source(uri: str, kind: str = "auto", *, s3: Optional[S3Settings] = None
         cols["_input_error"] = pa.array([None if b is not None else f"no image member (extensions {IMAGE_EXTS}) "
                                          "in this sample" for b in img], pa.string())
         out = pa.table(cols)
-        return out.filter(pa.array([i not in done_ids for i in ids]))
+        if stored is None:
+            return out
+        return out.filter(pa.array(~stored.present(out.column("image_id"))))   # anti-join, in this read task
 
-    ds = ds.map_batches(wds_rows, batch_format="pyarrow", fn_args=(done,), **_mb)
+    ds = ds.map_batches(wds_rows, batch_format="pyarrow", fn_args=(live,), **_mb)
     if limit is not None:
         ds = ds.limit(limit)
     return Source("webdataset", uri, ds, passthrough, None, {"shards": len(shards)})

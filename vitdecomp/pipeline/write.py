@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,8 +11,11 @@ from ..io import S3Settings
 from ..store import Store
 
 
-def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: dict) -> pa.Table:
-    """Write the valid rows of one block (retried from the materialised table), report error rows."""
+def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: dict,
+                max_rows: Optional[int] = None) -> pa.Table:
+    """Write the valid rows of one block (retried from the materialised table), report error rows.
+    ``max_rows``: at most this many rows per written file (the job's ``commit_every``, so that the
+    driver can fill every commit up to, and never beyond, that many images)."""
     schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
     is_err = pc.is_valid(t.column("_error"))
     good = t.filter(pc.invert(is_err)).drop_columns(["_error"])
@@ -21,10 +25,12 @@ def write_block(t: pa.Table, store_uri: str, fmt: str, schema_bytes: bytes, s3: 
         good = good.select(schema.names).cast(schema)
         store = Store(store_uri, S3Settings(**s3))
         # the same uncommitted-file writer as Store.append; the driver commits the records
-        for rec in store.write_uncommitted(good, format=fmt):
-            rows["kind"].append("fragment" if fmt == "lance" else "file")
-            rows["payload"].append(json.dumps(rec))
-            rows["rows"].append(rec["rows"])
+        step = max_rows or good.num_rows
+        for start in range(0, good.num_rows, step):
+            for rec in store.write_uncommitted(good.slice(start, step), format=fmt):
+                rows["kind"].append("fragment" if fmt == "lance" else "file")
+                rows["payload"].append(json.dumps(rec))
+                rows["rows"].append(rec["rows"])
     for i, u, e in zip(bad.column("image_id").to_pylist(), bad.column("uri").to_pylist(),
                        bad.column("_error").to_pylist()):
         rows["kind"].append("error")

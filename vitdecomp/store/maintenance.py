@@ -3,8 +3,9 @@ orphans listed — and a repair that drops duplicate rows (keeping one) and remo
 
 Orphans are data files that no committed version references: files written by work that was cut
 off before its commit (a killed run, a full disk), or retired by a repair. They are never read, so
-they waste space only; the decompose job removes them when it starts (holding the store's lease,
-so that no other run is writing), and ``vitdecomp store repair`` does on demand.
+they waste space only; the decompose job removes them when it starts and when it ends (holding the
+store's lease, so that no other run is writing), and ``vitdecomp store vacuum`` (or ``repair``) does on
+demand — refused while another run holds the lease, whose uncommitted files are in flight.
 
 A repair rewrites each data file (Lance fragment or Parquet file) that holds a surplus copy of an
 id and commits the replacement in one atomic step (a Lance ``Update``; for Parquet a commit record
@@ -225,6 +226,41 @@ def remove_orphans(store: Store) -> list[str]:
         for table in TABLES:                           # Lance's own bookkeeping of the versions they came from
             store._lance(table).cleanup_old_versions(older_than=datetime.timedelta(0), delete_unverified=True)
     return files
+
+
+@dataclass
+class VacuumReport:
+    uri: str
+    removed: list = field(default_factory=list)          # paths of the orphan files removed
+    bytes: int = 0
+
+    def lines(self) -> list[str]:
+        if not self.removed:
+            return [f"vacuum {self.uri}: no orphan files"]
+        return [f"vacuum {self.uri}: removed {len(self.removed)} orphan files ({self.bytes / 2**20:.1f} MiB) left by "
+                f"cut-off work, e.g. {[p.rsplit('/', 1)[-1] for p in self.removed[:3]]}"]
+
+
+def vacuum_store(store: Store) -> VacuumReport:
+    """Remove the orphan files of ``store`` (written by a commit that was cut off, e.g. a killed run;
+    never read). Takes the store's lease first, so it is refused with
+    :class:`~vitdecomp.store.lease.StoreBusyError` while a decompose run (or an append) writes the
+    store: a running writer's uncommitted files are in flight, not orphans. Rows are never touched."""
+    lease = Lease(store.lance_uri(LEASE[:-len(".lance")]), store.storage_options)
+    lease.start("vitdecomp store vacuum")
+    try:
+        rep = VacuumReport(store.uri)
+        sizes = {}
+        for p in orphan_files(store):
+            info = store.fs.get_file_info(p)
+            sizes[p] = info.size or 0
+        lease.check()
+        rep.removed = remove_orphans(store)
+        rep.bytes = sum(sizes.get(p, 0) for p in rep.removed)
+    finally:
+        lease.release()
+    log.info("vacuum %s: removed %d orphan files (%d bytes)", store.uri, len(rep.removed), rep.bytes)
+    return rep
 
 
 def repair_store(store: Store, apply: bool = False) -> RepairReport:

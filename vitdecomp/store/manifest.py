@@ -20,13 +20,34 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Un
 import pyarrow as pa
 
 from ..engine.names import Component
-from ..errors import InputError
+from ..errors import InputError, VitdecompError
 from .schema import column_for, contributions_schema
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import LoadedModel
 
 MANIFEST = "manifest.json"
+# store layouts (README “Store layout”; the compact layout's code is in vitdecomp.store.compact)
+LAYOUTS = ("compact", "full")
+FORMAT_VERSION = 2                 # stores this reader understands: 1 (full, no field), 2 (compact)
+MIN_READER = "0.1.0"               # first vitdecomp version that reads format 2 (the compact layout)
+
+
+class LayoutError(VitdecompError):
+    """A store whose layout this reader cannot use, or whose basis file does not match its manifest."""
+
+
+def check_reader(manifest: Mapping[str, Any], where: str) -> None:
+    """Refuse a manifest written in a layout or format this version does not know (before reading rows)."""
+    from ..version import __version__
+
+    layout = manifest.get("layout", "full")
+    version = manifest.get("format_version", 1)
+    if layout not in LAYOUTS or not isinstance(version, int) or version > FORMAT_VERSION:
+        need = manifest.get("min_reader", "a newer release")
+        raise LayoutError(f"{where}: store layout {layout} (format {version}) needs vitdecomp ≥ {need}; this is "
+                          f"vitdecomp {__version__}, which reads layouts {list(LAYOUTS)} up to format "
+                          f"{FORMAT_VERSION}: upgrade vitdecomp to read this store")
 # manifest fields that must agree before appending to an existing store
 IDENTITY_FIELDS = ("format", "model", "teacher", "preprocess", "teacher_preprocess", "options", "components", "dtype",
                    "passthrough")
@@ -215,6 +236,20 @@ class Manifest:
     def teacher_dim(self) -> Optional[int]:
         return self.teacher.dim if self.teacher is not None else None
 
+    @property
+    def layout(self) -> str:
+        """``"full"`` (one ``d``-vector per component) or ``"compact"`` (README “Store layout”)."""
+        return self.extra.get("layout", "full")
+
+    @property
+    def compact(self) -> dict:
+        """The compact layout's entry (basis file, SHA-256, per component rank and offset weight); {} if full."""
+        return copy.deepcopy(self.extra.get("compact") or {}) if self.layout == "compact" else {}
+
+    def widths(self) -> dict[str, int]:
+        """Component name → numbers stored per image (the basis rank for compact components)."""
+        return {n: int(v["rank"]) for n, v in self.compact.get("components", {}).items()}
+
     def schema(self, passthrough: Optional[pa.Schema] = None) -> pa.Schema:
         """The contributions table's Arrow schema (``contributions_schema``). The pass-through columns'
         types come from ``passthrough``, else :attr:`passthrough_schema`, else the ``"name:type"``
@@ -223,7 +258,8 @@ class Manifest:
             passthrough = self.passthrough_schema
         if passthrough is None:
             passthrough = _parse_passthrough(self.passthrough or ())
-        return contributions_schema(list(self.components), self.d, self.dtype, passthrough, self.teacher_dim)
+        return contributions_schema(list(self.components), self.d, self.dtype, passthrough, self.teacher_dim,
+                                    widths=self.widths(), offset=bool(self.compact.get("offset_column")))
 
     def __getitem__(self, key: str) -> Any:
         """``m["model"]["name"]``: the JSON value of a top-level key (a copy)."""
@@ -264,6 +300,7 @@ class Manifest:
         missing = [k for k in ("format", "model", "components", "d", "dtype") if k not in d]
         if missing:
             raise InputError(f"not a store manifest: it lacks {missing} (keys: {sorted(d)})")
+        check_reader(d, "manifest")
         return cls(format=d["format"], model=ModelInfo.from_dict(d["model"]),
                    teacher=None if d.get("teacher") is None else ModelInfo.from_dict(d["teacher"]),
                    preprocess=copy.deepcopy(d.get("preprocess")),
@@ -285,7 +322,7 @@ class Manifest:
               source_kind: str = "api", seed: int = 0, readout_only: bool = False,
               pretrained: Optional[str] = FROM_MODEL, checkpoint: Optional[str] = FROM_MODEL,
               teacher_pretrained: Optional[str] = FROM_MODEL, teacher_checkpoint: Optional[str] = FROM_MODEL,
-              created: Optional[str] = None) -> "Manifest":
+              created: Optional[str] = None, layout_fields: Optional[Mapping[str, Any]] = None) -> "Manifest":
         """The manifest of a store of ``model``'s contributions (what the decompose job records).
 
         Args:
@@ -304,6 +341,8 @@ class Manifest:
             pretrained, checkpoint, teacher_pretrained, teacher_checkpoint: the weights as asked for
                 (default: the loaded model's own ``pretrained``/``checkpoint``).
             created: UTC time stamp (default: now).
+            layout_fields: the compact layout's manifest fields
+                (:meth:`vitdecomp.store.compact.CompactLayout.manifest_fields`); None: the full layout.
         """
         from ..config import DecomposeOptions, parse_blocks
         from ..models import extension_modules
@@ -341,6 +380,7 @@ class Manifest:
                                                   if extension_modules() else {})},
             created=created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             passthrough_schema=passthrough,
+            extra=copy.deepcopy(dict(layout_fields or {})),
         )
 
 

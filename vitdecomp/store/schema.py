@@ -1,7 +1,7 @@
 """The store's Arrow schema: one row per image, one ``fixed_size_list<dtype>[d]`` column per component."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +9,7 @@ import pyarrow as pa
 from ..engine.names import Component
 
 DTYPES = {"fp16": pa.float16(), "fp32": pa.float32()}
-RESERVED = ("image_id", "uri", "readout", "teacher")
+RESERVED = ("image_id", "uri", "readout", "teacher", "chain_offset")
 
 
 def column_for(name: str) -> str:
@@ -22,11 +22,17 @@ def vector_type(dtype: str, d: int) -> pa.DataType:
 
 
 def contributions_schema(components: Sequence[Component], d: int, dtype: str, passthrough: pa.Schema,
-                         teacher_dim: Optional[int]) -> pa.Schema:
+                         teacher_dim: Optional[int], widths: Optional[Mapping[str, int]] = None,
+                         offset: bool = False) -> pa.Schema:
+    """``widths``: component name → stored vector size (compact layout: the basis rank; default ``d``);
+    ``offset``: add the ``chain_offset [d]`` column (compact components with an offset share)."""
+    widths = widths or {}
     fields = [pa.field("image_id", pa.string(), nullable=False), pa.field("uri", pa.string())]
     fields += list(passthrough)
     fields.append(pa.field("readout", vector_type(dtype, d)))
-    fields += [pa.field(column_for(c.name), vector_type(dtype, d)) for c in components]
+    fields += [pa.field(column_for(c.name), vector_type(dtype, widths.get(c.name, d))) for c in components]
+    if offset:
+        fields.append(pa.field("chain_offset", vector_type(dtype, d)))
     if teacher_dim:
         fields.append(pa.field("teacher", vector_type(dtype, teacher_dim)))
     return pa.schema(fields)
@@ -67,7 +73,8 @@ def passthrough_names(schema: pa.Schema) -> list[str]:
 
 def rows_table(schema: pa.Schema, names: Sequence[str], ids: Sequence[str], uris: Optional[Sequence[Optional[str]]],
                columns: Optional[dict], readout: np.ndarray, contributions: Optional[np.ndarray],
-               teacher: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None) -> pa.Table:
+               teacher: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, *,
+               codec=None, offset: Optional[np.ndarray] = None) -> pa.Table:
     """One chunk of store rows as an Arrow table of exactly ``schema`` (shared by the decompose
     workers and :meth:`vitdecomp.store.Store.append`).
 
@@ -79,6 +86,9 @@ def rows_table(schema: pa.Schema, names: Sequence[str], ids: Sequence[str], uris
         readout: ``[n, d]`` float; ``contributions``: ``[n, K, d]`` float (None when ``K == 0``);
             ``teacher``: ``[n, d_t]`` float (required iff the schema has a teacher column).
         valid: ``[n]`` bool; vectors of rows where it is false are null (rows that failed).
+        codec: the store's :class:`~vitdecomp.store.compact.CompactLayout` (compact stores): its
+            components are stored as basis coordinates; ``offset [n, d]`` is the chain offset
+            (``Decomposition.offset``; required when the schema has a ``chain_offset`` column).
 
     Raises:
         InputError: shapes, names or columns that do not fit the schema.
@@ -118,8 +128,19 @@ def rows_table(schema: pa.Schema, names: Sequence[str], ids: Sequence[str], uris
             raise InputError(f"pass-through column {name!r} has {len(values)} values for {n} ids")
         data[name] = values
     data["readout"] = vectors_to_arrow(readout, dtype, valid)
+    encoded = codec.encode(names, contributions, offset) if codec is not None and K else {}
     for k, name in enumerate(names):
-        data[column_for(name)] = vectors_to_arrow(contributions[:, k], dtype, valid)
+        vec = encoded[name] if name in encoded else contributions[:, k]
+        want_w = schema.field(column_for(name)).type.list_size
+        if vec.shape[1] != want_w:
+            raise InputError(f"component {name}: {vec.shape[1]} numbers per image, the store's column holds "
+                             f"{want_w} (a compact store is written with its basis: Store.append does this)")
+        data[column_for(name)] = vectors_to_arrow(vec, dtype, valid)
+    if "chain_offset" in schema.names:
+        if offset is None:
+            raise InputError("the store keeps the readout chain's offset (compact layout, uniform convention): "
+                             "pass the decomposition's offset [n, d]")
+        data["chain_offset"] = vectors_to_arrow(np.asarray(offset, np.float32), dtype, valid)
     if has_teacher:
         teacher = np.asarray(teacher)
         d_t = schema.field("teacher").type.list_size

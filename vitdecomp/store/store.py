@@ -21,6 +21,9 @@ a store through the same row builder (:func:`~vitdecomp.store.schema.rows_table`
 Columns: ``image_id`` (stable key from the source), ``uri``, pass-through columns, ``readout``,
 one ``fixed_size_list<dtype>[d]`` column per component (``c_`` + the name with dots as ``_``; the
 manifest maps names to columns), ``teacher`` (optional, L2-normalised teacher image embedding).
+In the compact layout (README “Store layout”, :mod:`vitdecomp.store.compact`) a head's column holds
+its coordinates in a per-head basis (``basis.safetensors``, checksummed in the manifest) and
+``chain_offset`` the readout chain's offset when needed; every reader decodes them to ``d``-vectors.
 """
 from __future__ import annotations
 
@@ -93,7 +96,39 @@ class Store:
                 raise StoreError(f"{self.uri}: {MANIFEST} is unreadable ({e}); it is written atomically, so it was "
                                  "damaged after it was written: restore it from a backup, or decompose into a new "
                                  "output location") from None
+            from .manifest import check_reader
+
+            check_reader(self._manifest, self.uri)     # a newer layout is refused before any row is read
         return self._manifest
+
+    @property
+    def layout(self) -> str:
+        """``"full"`` or ``"compact"`` (README “Store layout”)."""
+        return self.manifest.get("layout", "full")
+
+    @property
+    def compact_layout(self):
+        """The :class:`~vitdecomp.store.compact.CompactLayout` of a compact store (bases checked against the
+        manifest's SHA-256 before they are parsed), or None for a full store."""
+        if self.layout != "compact":
+            return None
+        if getattr(self, "_compact", None) is None:
+            from .compact import CompactLayout
+
+            self._compact = CompactLayout.from_bytes(self.basis_bytes(), self.manifest.get("compact") or {}, self.uri)
+        return self._compact
+
+    def basis_bytes(self) -> bytes:
+        """The raw basis file of a compact store (checked by :meth:`CompactLayout.from_bytes` before use)."""
+        from .compact import BASIS_FILE
+
+        rel = (self.manifest.get("compact") or {}).get("basis", BASIS_FILE)
+        try:
+            with self.fs.open_input_stream(self._p(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri}: the compact store's basis file {rel} is missing; restore it from a "
+                             "backup (its rows cannot be read without it)") from None
 
     @property
     def format(self) -> str:
@@ -119,24 +154,26 @@ class Store:
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, uri: str, manifest: Union[Manifest, dict], schema: Optional[pa.Schema] = None, *,
-               s3: Optional[S3Settings] = None) -> "Store":
+               s3: Optional[S3Settings] = None, basis: Optional[bytes] = None) -> "Store":
         """Create the store ``uri`` (local path or ``s3://``) for ``manifest`` and return it opened.
 
         ``schema`` defaults to the manifest's (:meth:`Manifest.schema`: components, ``d``, dtype,
         pass-through columns, teacher). A store that already exists there with the same identity
         fields is reopened as it is (rows are then added by :meth:`append`); one whose manifest differs
-        is refused with :class:`StoreError`.
+        is refused with :class:`StoreError`. A compact manifest (README “Store layout”) needs its
+        ``basis`` file bytes (:meth:`~vitdecomp.store.compact.CompactLayout.to_bytes`).
         """
         if not isinstance(uri, (str, os.PathLike)):
             raise TypeError(f"Store.create(uri, manifest, schema=None): uri must be a path or s3:// URI, got "
                             f"{type(uri).__name__}; to write the tables of an opened store use initialize()")
         m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
         st = cls(os.fspath(uri), s3)
-        st.initialize(m.to_dict(), m.schema() if schema is None else schema)
+        st.initialize(m.to_dict(), m.schema() if schema is None else schema, basis=basis)
         return st
 
-    def initialize(self, manifest: Union[Manifest, dict], schema: pa.Schema) -> None:
-        """Write the manifest and empty tables; refuse an existing store with a different manifest."""
+    def initialize(self, manifest: Union[Manifest, dict], schema: pa.Schema, *, basis: Optional[bytes] = None) -> None:
+        """Write the manifest and empty tables (and a compact store's ``basis`` file, checked against the
+        manifest's SHA-256); refuse an existing store with a different manifest."""
         if isinstance(manifest, Manifest):
             manifest = manifest.to_dict()
         if self.exists():
@@ -147,10 +184,19 @@ class Store:
                     f"incompatible rows. Write to a new output location, or rerun with the original settings "
                     f"(stored: { {k: self.manifest.get(k) for k in diff if k != 'components'} })")
             return
+        entry = manifest.get("compact") if manifest.get("layout") == "compact" else None
+        if entry is not None:
+            from .compact import sha256
+
+            if basis is None or sha256(basis) != entry.get("basis_sha256"):
+                raise StoreError(f"{self.uri}: a compact manifest needs its basis file (CompactLayout.to_bytes()) "
+                                 f"whose SHA-256 the manifest records; {'none was given' if basis is None else 'the given bytes differ'}")
         try:
             self.fs.create_dir(self.path, recursive=True)
         except OSError as e:
             raise StoreError(f"cannot create the output {self.uri}: {e}") from e
+        if entry is not None:
+            retry(lambda: self._write_bytes(entry["basis"], basis), "write basis")
         if manifest["format"] == "lance":
             import lance
 
@@ -193,40 +239,75 @@ class Store:
             raise StoreError(f"the output {self.uri} is not writable: {e}") from e
 
     # ------------------------------------------------------------------ commits (driver side)
-    def commit(self, written: list[dict], errors: Optional[pa.Table]) -> None:
-        """Make a chunk visible: first its error rows, then its data (fragments or files)."""
+    def commit(self, written: list[dict], errors: Optional[pa.Table], *, chunk: Optional[str] = None) -> None:
+        """Make a chunk visible: first its error rows, then its data (fragments or files).
+
+        Idempotent: a commit whose reply was lost (it landed, but the call failed) is not repeated on
+        retry. Lance: each attempt first looks whether the chunk's data files are already in the
+        latest version; Parquet: the commit record's name is fixed before the first attempt, so a
+        retry rewrites the same object. ``chunk`` (default: a new id) tags the commit (Lance
+        transaction property / Parquet record field ``chunk``). Only errors that can go away are
+        retried (:func:`commit_retryable`); each retry is logged with its reason."""
+        chunk = chunk or uuid.uuid4().hex
         if errors is not None and errors.num_rows:
             errors = errors.cast(ERRORS_SCHEMA)
             if self.format == "lance":
-                import lance
+                from lance.fragment import write_fragments
 
-                retry(lambda: lance.write_dataset(errors, self.lance_uri("errors"), mode="append",
-                                                  storage_options=self.storage_options), "commit errors")
+                frags = retry_commit(lambda: write_fragments(errors, self.lance_uri("errors"), schema=ERRORS_SCHEMA,
+                                                             storage_options=self.storage_options),
+                                     f"{self.uri}: write error rows")
+                self._append_lance("errors", [json.loads(f.to_json()) if isinstance(f.to_json(), str)
+                                              else f.to_json() for f in frags], chunk)
             else:
                 name = f"errors/{uuid.uuid4().hex}.parquet"
-                retry(lambda: pq.write_table(errors, self._p(name), filesystem=self.fs), "write errors")
+                retry_commit(lambda: pq.write_table(errors, self._p(name), filesystem=self.fs),
+                             f"{self.uri}: write error rows")
                 written = written + [{"file": name, "rows": errors.num_rows, "table": "errors"}]
         if not written:
             return
         if self.format == "lance":
-            import lance
-            from lance.fragment import FragmentMetadata
-
-            frags = [FragmentMetadata.from_json(json.dumps(w["fragment"])) for w in written]
-
-            def do():
-                ds = lance.dataset(self.lance_uri("contributions"), storage_options=self.storage_options)
-                lance.LanceDataset.commit(self.lance_uri("contributions"), lance.LanceOperation.Append(frags),
-                                          read_version=ds.version, storage_options=self.storage_options)
-            retry(do, "commit contributions")
+            self._append_lance("contributions", [w["fragment"] for w in written], chunk)
         else:
-            self.commit_record({"files": written, "time": time.time()})
+            self.commit_record({"files": written, "time": time.time(), "chunk": chunk})
+
+    def _append_lance(self, table: str, fragments: list, chunk: str) -> int:
+        """Commit a Lance ``Append`` of ``fragments`` (JSON of written fragments) to ``table`` exactly
+        once; returns the version that holds them."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        frags = [FragmentMetadata.from_json(f if isinstance(f, str) else json.dumps(f)) for f in fragments]
+        ours = {d.path.rsplit("/", 1)[-1] for f in frags for d in f.files}
+        uri = self.lance_uri(table)
+        tried = [0]
+
+        def once() -> int:
+            ds = lance.dataset(uri, storage_options=self.storage_options)
+            if tried[0]:
+                have = _lance_holding(ds, ours)
+                if have == len(ours):
+                    log.warning("%s: the commit of chunk %s had landed although its reply was lost (version %d "
+                                "holds its %d data files); not committing it again", self.uri, chunk[:8], ds.version,
+                                len(ours))
+                    return ds.version
+                if have:
+                    raise StoreError(f"{uri}: version {ds.version} holds {have} of the {len(ours)} data files of "
+                                     f"chunk {chunk[:8]}, which were committed together; run `vitdecomp store check "
+                                     f"{self.uri}`")
+            tried[0] += 1
+            txn = lance.Transaction(read_version=ds.version, operation=lance.LanceOperation.Append(frags),
+                                    transaction_properties={"vitdecomp.chunk": chunk})
+            return lance.LanceDataset.commit(uri, txn, storage_options=self.storage_options).version
+
+        return retry_commit(once, f"{self.uri}: commit {table} chunk {chunk[:8]}")
 
     def commit_record(self, rec: dict) -> None:
-        """Parquet format: make ``rec`` (``files`` it adds, optionally ``remove``) visible, atomically."""
+        """Parquet format: make ``rec`` (``files`` it adds, optionally ``remove``) visible, atomically.
+        The record's name is chosen once, so a retry after a lost reply rewrites the same object."""
         name = f"_commits/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
         data = json.dumps(rec).encode()
-        retry(lambda: self._write_bytes(name, data), "write commit record")
+        retry_commit(lambda: self._write_bytes(name, data), f"{self.uri}: write commit record {name}")
 
     # ------------------------------------------------------------------ writing rows
     def write_uncommitted(self, table: pa.Table, *, format: Optional[str] = None) -> list[dict]:
@@ -240,12 +321,14 @@ class Store:
         if (format or self.format) == "lance":
             from lance.fragment import write_fragments
 
-            frags = retry(lambda: write_fragments(table, self.lance_uri("contributions"), schema=table.schema,
-                                                  max_rows_per_file=LANCE_MAX_ROWS_PER_FILE, max_rows_per_group=1024,
-                                                  storage_options=self.storage_options), "write Lance fragment")
+            frags = retry_commit(lambda: write_fragments(table, self.lance_uri("contributions"), schema=table.schema,
+                                                         max_rows_per_file=LANCE_MAX_ROWS_PER_FILE,
+                                                         max_rows_per_group=1024,
+                                                         storage_options=self.storage_options),
+                                 f"{self.uri}: write Lance fragment")
             return [{"fragment": f.to_json(), "rows": f.num_rows} for f in frags]
         name = f"contributions/{uuid.uuid4().hex}.parquet"
-        retry(lambda: pq.write_table(table, self._p(name), filesystem=self.fs), "write Parquet file")
+        retry_commit(lambda: pq.write_table(table, self._p(name), filesystem=self.fs), f"{self.uri}: write Parquet file")
         return [{"file": name, "rows": table.num_rows}]
 
     def append(self, decomposition: Any, ids: Sequence[str], columns: Optional[Mapping[str, Sequence]] = None,
@@ -308,8 +391,10 @@ class Store:
                 raise StoreError(f"{self.uri}: {len(set(stored))} of these image ids are already stored, e.g. "
                                  f"{sorted(set(stored))[:5]}; append only new ids")
             try:
+                off = getattr(decomposition, "offset", None)
                 table = rows_table(self.schema(), names, ids, uris, dict(columns or {}), readout, contributions,
-                                   None if teacher is None else _numpy(teacher))
+                                   None if teacher is None else _numpy(teacher), codec=self.compact_layout,
+                                   offset=None if off is None else _numpy(off))
             except InputError as e:
                 raise StoreError(f"{self.uri}: {e}") from None
             written = self.write_uncommitted(table)
@@ -369,9 +454,27 @@ class Store:
         return [column_for(names[i]) for i in idx]
 
     def read(self, columns: Optional[Sequence[str]] = None, ids: Optional[Sequence[str]] = None,
-             table: str = "contributions") -> pa.Table:
-        """Committed rows (optionally only ``columns`` and the rows whose ``image_id`` is in ``ids``)."""
+             table: str = "contributions", *, coefficients: bool = False) -> pa.Table:
+        """Committed rows (optionally only ``columns`` and the rows whose ``image_id`` is in ``ids``).
+
+        Component columns hold ``d``-vectors whatever the layout: a compact store's coordinate columns are
+        decoded (float32; README “Store layout”) unless ``coefficients`` (then they are returned as stored,
+        with the ``chain_offset`` column when the store has one)."""
+        t = self._read_raw(columns, ids, table)
+        if table != "contributions" or coefficients or self.layout != "compact" or \
+                not any(c.startswith("c_") for c in t.column_names):
+            return t
+        t = decode_table(t, self.compact_layout, self.manifest["d"])
+        return t.drop_columns(["chain_offset"]) if columns is not None and "chain_offset" not in columns and \
+            "chain_offset" in t.column_names else t
+
+    def _read_raw(self, columns: Optional[Sequence[str]], ids: Optional[Sequence[str]], table: str) -> pa.Table:
         cols = None if columns is None else list(dict.fromkeys(columns))
+        layout = self.compact_layout if table == "contributions" and self.layout == "compact" and (
+            cols is None or any(c.startswith("c_") for c in cols)) else None
+        if layout is not None and layout.needs_offset and cols is not None and "chain_offset" not in cols and any(
+                c.startswith("c_") for c in cols):
+            cols.append("chain_offset")
         filt = None if ids is None else pc.field("image_id").isin(pa.array(list(ids), pa.string()))
         if self.format == "lance":
             return self._lance(table).to_table(columns=cols, filter=filt)
@@ -397,7 +500,8 @@ class Store:
         return self.read(table="errors")
 
     def done_ids(self) -> set[str]:
-        """Ids already committed as rows or as errors (skipped by a rerun)."""
+        """Ids already committed as rows or as errors, as a Python set (≈ 100 bytes per id: for small
+        stores; a decompose rerun skips them with :class:`vitdecomp.pipeline.resume.StoredIds`)."""
         return set(self.ids()) | set(self.read(columns=["image_id"], table="errors").column("image_id").to_pylist())
 
     def nbytes(self) -> int:
@@ -412,37 +516,78 @@ class Store:
 
     def iter_batches(self, components: Optional[Sequence[str]] = None, ids: Optional[Sequence[str]] = None,
                      batch_size: int = 1024, columns: Sequence[str] = (), teacher: bool = False,
-                     dtype=np.float32) -> Iterator["StoreBatch"]:
+                     dtype=np.float32, coefficients: bool = False) -> Iterator["StoreBatch"]:
         """Committed rows in batches: ``StoreBatch(ids, contributions [b, K, d], readout, teacher, columns)``.
 
         ``components`` (default: all) selects and orders ``K``; ``ids`` restricts the rows. To read
-        contributions mapped into a CLIP space, see :func:`vitdecomp.fit.compalign.aligned_batches`."""
+        contributions mapped into a CLIP space, see :func:`vitdecomp.fit.compalign.aligned_batches`.
+        Any layout gives the same ``d``-vectors (compact columns are decoded, README “Store layout”).
+
+        ``coefficients=True`` (code that works in coefficient space): ``contributions`` is None;
+        ``coefficients`` maps each compact component to its stored coordinates ``u [b, r]`` and ``full``
+        each other component to ``[b, d]``; ``offset [b, d]`` is the chain offset (None when no
+        compact component needs it) and ``layout`` the store's
+        :class:`~vitdecomp.store.compact.CompactLayout` (``c = u @ Q.T + w · offset``)."""
         comp_names = self.names if components is None else list(components)
         comp_cols = self.columns_for(comp_names)
         if teacher and not self.has_teacher:
             raise StoreError(f"{self.uri} has no teacher column; decompose with a teacher (an open_clip model) to add one")
-        want = ["image_id", "readout", *comp_cols, *(["teacher"] if teacher else []), *columns]
+        layout = self.compact_layout
+        need_off = layout is not None and any(layout.weight(n) for n in comp_names if n in layout.bases)
+        want = ["image_id", "readout", *comp_cols, *(["chain_offset"] if need_off else []),
+                *(["teacher"] if teacher else []), *columns]
         if self.format == "lance":
             filt = None if ids is None else pc.field("image_id").isin(pa.array(list(ids), pa.string()))
             batches = self._lance("contributions").to_batches(columns=list(dict.fromkeys(want)), filter=filt,
                                                               batch_size=batch_size)
         else:
-            batches = self.read(want, ids).to_batches(max_chunksize=batch_size)
+            batches = self._read_raw(want, ids, "contributions").to_batches(max_chunksize=batch_size)
+        d = self.manifest["d"]
         for rb in batches:
             if rb.num_rows == 0:
                 continue
             t = pa.Table.from_batches([rb])
-            contrib = np.stack([arrow_to_vectors(t.column(c), dtype) for c in comp_cols], 1) if comp_cols else \
-                np.zeros((t.num_rows, 0, self.manifest["d"]), dtype)
+            off = arrow_to_vectors(t.column("chain_offset"), dtype) if need_off else None
+            extra: dict = {}
+            if coefficients:
+                contrib = None
+                coef = {n: arrow_to_vectors(t.column(c), dtype) for n, c in zip(comp_names, comp_cols)
+                        if layout is not None and n in layout.bases}
+                full = {n: arrow_to_vectors(t.column(c), dtype) for n, c in zip(comp_names, comp_cols) if n not in coef}
+                extra = {"coefficients": coef, "full": full, "offset": off, "layout": layout}
+            elif comp_cols:
+                contrib = np.empty((t.num_rows, len(comp_cols), d), dtype)
+                for k, (n, c) in enumerate(zip(comp_names, comp_cols)):
+                    v = arrow_to_vectors(t.column(c), dtype)
+                    contrib[:, k] = layout.decode(n, v, off, dtype) if layout is not None and n in layout.bases else v
+            else:
+                contrib = np.zeros((t.num_rows, 0, d), dtype)
             yield StoreBatch(ids=t.column("image_id").to_pylist(), names=comp_names, contributions=contrib,
                              readout=arrow_to_vectors(t.column("readout"), dtype),
                              teacher=arrow_to_vectors(t.column("teacher"), dtype) if teacher else None,
-                             columns={c: t.column(c) for c in columns})
+                             columns={c: t.column(c) for c in columns}, **extra)
 
-    def to_ray(self, columns: Optional[Sequence[str]] = None):
-        """The committed rows as a Ray Dataset (distributed passes of the fit and query jobs)."""
+    def to_ray(self, columns: Optional[Sequence[str]] = None, *, coefficients: bool = False):
+        """The committed rows as a Ray Dataset (distributed passes of the fit and query jobs).
+
+        Component columns hold ``d``-vectors whatever the layout (a compact store's are decoded in the
+        read tasks) unless ``coefficients`` (stored coordinates, plus ``chain_offset`` when needed)."""
+        ds = self._to_ray_raw(columns)
+        layout = self.compact_layout
+        if layout is None or coefficients:
+            return ds
+        cols = self.schema().names if columns is None else list(columns)
+        if not any(c in {column_for(n) for n in layout.bases} for c in cols):
+            return ds
+        return ds.map_batches(decode_table, batch_format="pyarrow", fn_args=(layout, self.manifest["d"]),
+                              zero_copy_batch=True)
+
+    def _to_ray_raw(self, columns: Optional[Sequence[str]] = None):
         import ray
 
+        layout = self.compact_layout
+        if layout is not None and layout.needs_offset and columns is not None and "chain_offset" not in columns:
+            columns = [*columns, "chain_offset"]
         if self.format == "lance":
             import lance_ray
 
@@ -451,7 +596,8 @@ class Store:
         files = self._parquet_files("contributions")
         fs = self.fs
         if not files:
-            return ray.data.from_arrow(self.schema().empty_table())
+            t = self.schema().empty_table()
+            return ray.data.from_arrow(t if columns is None else t.select(list(columns)))
         ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None)
         return ds if columns is None else ds.select_columns(list(columns))
 
@@ -464,6 +610,26 @@ class StoreBatch:
     readout: np.ndarray                # [b, d]
     teacher: Optional[np.ndarray] = None
     columns: dict = field(default_factory=dict)
+    # coefficients=True only (Store.iter_batches): compact components' coordinates, the others' vectors
+    coefficients: Optional[dict] = None        # name -> u [b, r]
+    full: Optional[dict] = None                # name -> [b, d]
+    offset: Optional[np.ndarray] = None        # [b, d] chain offset (None when not needed)
+    layout: Any = None                         # the store's CompactLayout (None: full store)
+
+
+def decode_table(t: pa.Table, layout, d: int) -> pa.Table:
+    """A compact store's rows → the same rows with every compact column decoded to a float32
+    ``fixed_size_list[d]`` (``c = u @ Q.T + w · chain_offset``); other columns unchanged."""
+    from .schema import vectors_to_arrow
+
+    names = {column_for(n): n for n in layout.bases}
+    off = arrow_to_vectors(t.column("chain_offset")) if "chain_offset" in t.column_names else None
+    for i, c in enumerate(t.column_names):
+        if c in names:
+            vec = layout.decode(names[c], arrow_to_vectors(t.column(c)), off)
+            valid = None if t.column(c).null_count == 0 else pc.is_valid(t.column(c)).to_numpy(zero_copy_only=False)
+            t = t.set_column(i, c, vectors_to_arrow(vec, "fp32", valid))
+    return t
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -471,6 +637,53 @@ def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
+
+
+def _lance_holding(ds, names: set) -> int:
+    """How many of the data files ``names`` (file names) the Lance dataset version ``ds`` references."""
+    return sum(1 for frag in ds.get_fragments() for d in frag.data_files() if d.path.rsplit("/", 1)[-1] in names)
+
+
+def commit_retryable(e: BaseException) -> Optional[str]:
+    """Why ``e`` is worth another attempt (a network error, throttling, a commit conflict), or None.
+
+    Never a ``ValueError``/``TypeError``/``KeyError`` (a bad value stays bad), nor a full disk, a
+    read-only or forbidden location (:func:`vitdecomp.io.transient` says which OS errors are permanent)."""
+    from ..io import transient
+
+    if not isinstance(e, (OSError, RuntimeError)) or isinstance(e, (ValueError, TypeError, KeyError)):
+        return None
+    if type(e).__name__ == "CommitConflictError":
+        return "a concurrent commit (conflict)"
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return "a network error"
+    if not transient(e):
+        text = str(e).lower()          # object_store's wording for a request that got no reply
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError)) and any(
+                t in text for t in ("error sending request", "http error", "error performing", "io error")) \
+                and not any(t in text for t in ("access denied", "forbidden", "no space", "read-only")):
+            return "a network error"
+        return None
+    text = str(e).lower()
+    return "throttling" if any(t in text for t in ("throttl", "slow down", "slowdown", " 503")) else \
+        "a commit conflict" if "conflict" in text else "a network or service error"
+
+
+def retry_commit(fn, what: str, attempts: int = 6, first_delay: float = 0.5):
+    """Call ``fn`` (which must be safe to repeat: idempotent) until it succeeds; retry only what
+    :func:`commit_retryable` names, with exponential backoff, logging each retry and its reason."""
+    delay = first_delay
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 -- classified below; anything not retryable is re-raised as is
+            why = commit_retryable(e)
+            if why is None or i == attempts - 1:
+                raise
+            log.warning("%s failed with %s (%s: %s); retry %d/%d in %.1f s", what, why, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", i + 1, attempts - 1, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def open_store(uri: str, *, s3_endpoint: Optional[str] = None, s3_region: Optional[str] = None) -> Store:
