@@ -260,3 +260,22 @@ def test_a_run_with_failed_inputs_lists_them_and_how_to_read_them_all(tmp_path):
                            cwd=ROOT, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert all(k in shown.stdout for k in [*BAD, "bad/truncated.png"]), shown.stdout
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "hidden-only"])
+def test_a_missing_or_empty_input_fails_before_ray_starts(tmp_path, what):
+    src = tmp_path / "in"
+    if what != "missing":
+        (src / "sub").mkdir(parents=True)
+    if what == "hidden-only":
+        (src / ".DS_Store").write_bytes(b"x")
+    code = ("import ray, sys\nfrom vitdecomp.config import DecomposeConfig\nfrom vitdecomp.errors import InputError\n"
+            "from vitdecomp.pipeline import run_decompose\n"
+            f"try:\n    run_decompose(DecomposeConfig(input={str(src)!r}, output={str(tmp_path / 'out')!r}, model={MODEL!r}))\n"
+            "except InputError as e:\n    print('ERR', e, ray.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "RAY_ADDRESS": ""})
+    line = next((x for x in r.stdout.splitlines() if x.startswith("ERR")), r.stdout + r.stderr)
+    assert line.endswith(" False"), line                        # Ray never started
+    assert ("does not exist" if what == "missing" else "holds no files") in line, line
+    assert not (tmp_path / "out").exists()

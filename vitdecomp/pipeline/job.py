@@ -102,6 +102,9 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
     t0 = time.time()
     # 1. everything that can fail without touching the data fails first
     check_name(cfg.model, cfg.pretrained)
+    from .sources import preflight
+
+    preflight(cfg.input, cfg.source, cfg.s3())       # a missing or empty input fails before Ray starts
     if cfg.teacher:
         if not cfg.teacher.startswith("open_clip:"):
             raise OptionError("teacher", f"must be an open_clip model (open_clip:<arch>), got {cfg.teacher!r}")
@@ -119,6 +122,9 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
     store.check_writable()
     started_here = not ray.is_initialized() and not cfg.ray_address and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
+        if started_here:
+            # a local cluster: Ray's token authentication on, said explicitly (Ray warns when it is implicit)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     _check_resources(cfg, ray.cluster_resources(), fixed=started_here)

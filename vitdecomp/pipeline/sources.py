@@ -43,6 +43,26 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 KINDS = ("auto", "folder", "table", "webdataset")
 
 
+def preflight(uri: str, kind: str = "auto", s3: Optional[S3Settings] = None) -> str:
+    """The checks on the input that need no cluster (run before Ray starts): it exists, it is a kind of
+    input the job reads, and a local folder holds at least one file. Returns the detected kind."""
+    if kind not in ("auto", "folder"):
+        return kind
+    fs, path = resolve(uri, s3)
+    found = _detect(uri, fs, path) if kind == "auto" else "folder"
+    if found == "folder" and isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.isdir(path):
+            raise InputError(f"input {uri!r} does not exist" if not os.path.exists(path) else
+                             f"input {uri!r} is not a folder")
+        for _, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if any(not f.startswith(".") for f in files):
+                return found
+        raise InputError(f"input folder {uri!r} holds no files (hidden files are skipped); point --input at "
+                         "the folder of images")
+    return found
+
+
 @dataclass
 class Source:
     kind: str
