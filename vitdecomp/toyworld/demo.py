@@ -93,7 +93,7 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
         meta = generate(world, world_cfg)
         say(f"    {world_cfg.n_train}/{world_cfg.n_val}/{world_cfg.n_test} train/val/test images in {world}")
 
-    with stage("2/7 train or load the tiny classifier and tiny CLIP"):
+    with stage("2/7 load (or train) the tiny classifier and tiny CLIP"):
         cache_dir = os.path.join(workdir, "cache")
         if not retrain and shipped_models(world_cfg, train_cfg) is None and not cached_models(world, world_cfg, cache_dir,
                                                                                              train_cfg):
@@ -101,9 +101,9 @@ def run(workdir: str = ".vitdecomp-demo", small: bool = False, seed: int = 0, nu
                 "cores, longer on a busy machine; cached afterwards)")
         models = ensure_models(world, world_cfg.key(), cache_dir, train_cfg, world_cfg=world_cfg, retrain=retrain)
         for k, v in models.items():
-            how = ("shipped with vitdecomp (reproduce with `vitdecomp demo --retrain`)" if v.get("shipped")
+            how = ("shipped with vitdecomp; `vitdecomp demo --retrain` trains it here" if v.get("shipped")
                    else "cached" if v["cached"] else f"trained in {v['seconds']:.0f} s")
-            say(f"    {k}: {v['checkpoint']} ({how})")
+            say(f"    {k}: {v['checkpoint']} — {how}")
         if export_weights:
             export(models, world_cfg, train_cfg, export_weights)
             models = shipped_models(world_cfg, train_cfg, export_weights)
