@@ -42,6 +42,8 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("benchmark", "job"): "vitdecomp benchmark job --images 200",
     ("benchmark", "toyworld"): "vitdecomp benchmark toyworld --seeds 3",
     ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000 --workdir /tmp/vd-explorer",
+    ("benchmark", "scale"): "vitdecomp benchmark scale --rows 10000,100000,1000000 --workdir /tmp/vd-scale",
+    ("benchmark", "layout"): "vitdecomp benchmark layout --images 32",
 }
 
 
