@@ -44,6 +44,8 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000 --workdir /tmp/vd-explorer",
     ("benchmark", "scale"): "vitdecomp benchmark scale --rows 10000,100000,1000000 --workdir /tmp/vd-scale",
     ("benchmark", "layout"): "vitdecomp benchmark layout --images 32",
+    ("benchmark", "resume"): "vitdecomp benchmark resume --rows 1000000 --workdir /tmp/vd-resume",
+    ("store", "vacuum"): f"vitdecomp store vacuum {DEMO}/stores/clip",
 }
 
 
