@@ -342,7 +342,8 @@ def test_vector_index_above_the_threshold_is_cached_by_store_version(world, tmp_
     from vitdecomp.serve.data import store_version
 
     cache = tmp_path / "ic"
-    ex, app = build(serve_config(world, index_threshold=10, index_cache=str(cache)))
+    # nprobes ≥ the number of IVF partitions (√n): every partition is searched, so the answer is exact
+    ex, app = build(serve_config(world, index_threshold=10, index_cache=str(cache), nprobes=64))
     c = app.test_client()
     probe = world["ids"][4]
     html = c.get(f"/neighbours?image_id={probe}&property=world+background&top_components=3&k=8").get_data(as_text=True)
@@ -351,12 +352,12 @@ def test_vector_index_above_the_threshold_is_cached_by_store_version(world, tmp_
     built = list((cache / ver).glob("index-*.lance.done"))
     assert len(built) == 1
     t0 = built[0].stat().st_mtime
-    ex2, app2 = build(serve_config(world, index_threshold=10, index_cache=str(cache)))
+    ex2, app2 = build(serve_config(world, index_threshold=10, index_cache=str(cache), nprobes=64))
     html2 = app2.test_client().get(f"/neighbours?image_id={probe}&property=world+background&top_components=3&k=8")
     assert built[0].stat().st_mtime == t0                            # reused, not rebuilt
     exact = build(serve_config(world))[1].test_client().get(
         f"/neighbours?image_id={probe}&property=world+background&top_components=3&k=8").get_data(as_text=True)
-    # with few rows every IVF partition is searched by default: the exact scan's answer
+    # every IVF partition searched: the exact scan's answer
     assert [h[0] for h in hits_of(html2.get_data(as_text=True), "results")] == [h[0] for h in hits_of(exact, "results")]
 
 
@@ -373,7 +374,8 @@ def test_parquet_store_index_follows_the_store_version(tmp_path):
     rng = np.random.default_rng(0)
     c = rng.normal(size=(300, len(comps), 16)).astype(np.float32)
     path = write_store(tmp_path / "s", c, comps, fmt="parquet")
-    cfg = ServeConfig(store=path, index_threshold=100, index_cache=str(tmp_path / "ic"), top_images=5)
+    cfg = ServeConfig(store=path, index_threshold=100, index_cache=str(tmp_path / "ic"), top_images=5,
+                      nprobes=64)                  # ≥ the √300 IVF partitions: an exhaustive, exact search
     ex, app = build(cfg)
     v0 = store_version(ex.st)
     assert v0.startswith("parquet-1-")
