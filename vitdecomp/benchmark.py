@@ -19,33 +19,49 @@ from .models import load_model
 
 def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: int, q) -> None:
     """In a fresh process: build the model and batch, run ``mode`` once, report peak RSS growth."""
-    import threading
-
-    import psutil
-
-
     lm = load_model(model, pretrained=False, seed=seed)
     x = torch.randn(batch, 3, *lm.image_size)
     plan = plan_for(lm.vision)
-    proc = psutil.Process()
-    base = peak = proc.memory_info().rss
-    done = threading.Event()
+    with PeakRSS(0.001) as mem:
+        if mode == "plain":
+            _no_grad(plan.readout, x)
+        else:
+            decompose(lm, x, heads=heads, blocks=blocks)
+    q.put(mem.growth)
 
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.001)
 
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    if mode == "plain":
-        _no_grad(plan.readout, x)
-    else:
-        decompose(lm, x, heads=heads, blocks=blocks)
-    done.set()
-    t.join()
-    q.put(max(peak, proc.memory_info().rss) - base)
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every ``interval`` seconds;
+    ``growth`` = peak − the RSS on entry."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        import psutil
+
+        self._proc, self._interval, self._stop = psutil.Process(), interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.base = self.peak = 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+    def __enter__(self):
+        self.base = self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return False
 
 
 def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=None, seed: int = 0,
@@ -415,48 +431,30 @@ def _resume_child(mode: str, uri: str, listing: int, block: int, q) -> None:
     ``Store.done_ids``; "new": :func:`vitdecomp.pipeline.resume.not_stored`; "empty": nothing stored)
     and report seconds, peak RSS growth over the listing, the inputs left to do, and the time of one
     read task's in-task anti-join (``StoredIds.present`` on ``block`` ids)."""
-    import threading
-
-    import psutil
-
     from .pipeline.resume import StoredIds, not_stored
     from .store import open_store
 
     ids = _bench_ids(listing)
     st = open_store(uri)              # opening the store and the scan machinery is common to every mode
     st.read(columns=["image_id"], ids=[ids[0]])
-    proc = psutil.Process()
-    base = peak = proc.memory_info().rss
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    if mode == "old":
-        skip = open_store(uri).done_ids()
-        todo = sum(1 for i in ids if i not in skip)
-    elif mode == "new":
-        stored = StoredIds.of(open_store(uri))
-        todo = int(not_stored(ids, stored).sum())
-    else:
-        todo = len(ids)
-    seconds = time.perf_counter() - t0
-    done.set()
-    th.join()
-    peak = max(peak, proc.memory_info().rss)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        if mode == "old":
+            skip = open_store(uri).done_ids()
+            todo = sum(1 for i in ids if i not in skip)
+        elif mode == "new":
+            stored = StoredIds.of(open_store(uri))
+            todo = int(not_stored(ids, stored).sum())
+        else:
+            todo = len(ids)
+        seconds = time.perf_counter() - t0
     task_s = None
     if mode == "new":
         stored = StoredIds.of(open_store(uri))
         t1 = time.perf_counter()
         stored.present(ids[-block:])
         task_s = time.perf_counter() - t1
-    q.put({"mode": mode, "seconds": seconds, "added_mib": (peak - base) / 2**20, "todo": todo, "task_s": task_s})
+    q.put({"mode": mode, "seconds": seconds, "added_mib": mem.growth / 2**20, "todo": todo, "task_s": task_s})
 
 
 def _bench_ids(n: int) -> list[str]:

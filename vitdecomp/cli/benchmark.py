@@ -182,8 +182,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "present), then plan a resume for a listing of N·(1+new) inputs, each way in a "
                                     "fresh process: the old driver-side id set vs the streamed anti-join (and one "
                                     "read task's in-task anti-join). Prints seconds and peak RSS growth over holding "
-                                    "the listing. Targets at 1M ids: <= 30 s and <= 100 MB. Example: vitdecomp "
-                                    "benchmark resume --rows 1000000")
+                                    "the listing. Targets at 1M ids: <= 30 s and <= 100 MB.")
     r.add_argument("--rows", type=int, default=1_000_000, help="ids in the store (default 1000000)")
     r.add_argument("--new", type=float, default=0.1, help="share of inputs not yet stored (default 0.1)")
     r.add_argument("--format", default="lance", choices=["lance", "parquet"], help="store format (default lance)")
@@ -208,7 +207,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "fit textspan, query compattribute and query ablate on each in a fresh process. "
                                      "Prints per N: seconds per pass / a raw Lance scan of the same columns (goal <= "
                                      "1.3), peak RSS (goal <= 1.1x from 100k to 1M rows), bytes per image and the "
-                                     "compact-vs-full speedup. Example: vitdecomp benchmark scale --rows 10000,100000,1000000")
+                                     "compact-vs-full speedup.")
     sc.add_argument("--rows", default="10000,100000", help="comma-separated store sizes (default 10000,100000)")
     sc.add_argument("--shape", default="128,4,4,32", help="d,blocks,heads,head_dim (default 128,4,4,32; ViT-B: 768,12,12,64)")
     sc.add_argument("--workdir", default=None, help="where the stores go (default: a temp dir)")
