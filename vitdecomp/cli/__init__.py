@@ -61,6 +61,16 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def local_ray_auth(args: argparse.Namespace) -> None:
+    """A Ray cluster this command starts itself (no ``--ray-address`` or ``RAY_ADDRESS``) runs with Ray's
+    token authentication, set explicitly with Ray's own ``RAY_AUTH_MODE`` before Ray is imported (Ray
+    prints a notice on every start while the mode is implicit). A cluster the command joins keeps its
+    own setting; a ``RAY_AUTH_MODE`` already in the environment wins."""
+    if getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or "ray" in sys.modules:
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..errors import VitdecompError
 
@@ -70,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    getattr(args, "benchmark", None), getattr(args, "store_command", None),
                                    getattr(args, "reproduce", None)) if x)
     if args.command in ("decompose", "fit", "query", "demo", "benchmark", "serve", "reproduce"):
+        local_ray_auth(args)
         import importlib
 
         importlib.import_module("vitdecomp.toyworld")      # the built-in world's model names (demo stores)

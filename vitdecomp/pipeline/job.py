@@ -122,9 +122,6 @@ def run_decompose(cfg: DecomposeConfig) -> Summary:
     store.check_writable()
     started_here = not ray.is_initialized() and not cfg.ray_address and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        if started_here:
-            # a local cluster: Ray's token authentication on, said explicitly (Ray warns when it is implicit)
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=cfg.ray_address, num_cpus=cfg.num_cpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     _check_resources(cfg, ray.cluster_resources(), fixed=started_here)
