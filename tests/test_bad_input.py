@@ -246,6 +246,7 @@ def test_a_run_with_failed_inputs_lists_them_and_how_to_read_them_all(tmp_path):
     r = _cli(["decompose", "--input", str(tmp_path / "imgs"), "--output", str(out), "--model", MODEL,
               "--batch-size", "4"], timeout=400)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "Token authentication is" not in r.stderr            # the CLI sets Ray's auth mode explicitly
     failed = len(BAD) + 1                                      # + the truncated PNG
     assert f"decompose: {failed} inputs failed:" in r.stdout, r.stdout
     listed = [line for line in r.stdout.splitlines() if line.startswith(f"  {tmp_path / 'imgs'}")]

@@ -3,6 +3,7 @@ and a worked example whose flags parse, and ``-v``/``-q`` are accepted after any
 from __future__ import annotations
 
 import ast
+import os
 import shlex
 import subprocess
 import sys
@@ -86,3 +87,19 @@ def test_quiet_logging_keeps_warnings_only():
         assert logger.getEffectiveLevel() == logging.DEBUG
     finally:
         logger.setLevel(old)
+
+
+def test_a_local_ray_runs_with_token_auth_set_explicitly_a_joined_cluster_keeps_its_own(monkeypatch):
+    import argparse
+
+    from vitdecomp.cli import local_ray_auth
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)        # as in a fresh CLI process
+    for env, address, want in (({}, None, "token"), ({"RAY_ADDRESS": "10.0.0.1:6379"}, None, None),
+                               ({}, "ray://head:10001", None), ({"RAY_AUTH_MODE": "disabled"}, None, "disabled")):
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        local_ray_auth(argparse.Namespace(ray_address=address))
+        assert os.environ.get("RAY_AUTH_MODE") == want, (env, address)
