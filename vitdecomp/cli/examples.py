@@ -18,7 +18,7 @@ EXAMPLES: dict[tuple[str, ...], str] = {
                     "--pretrained fb_in1k",
     ("fit", "compalign"): f"vitdecomp fit compalign --store {DEMO}/stores/classifier --out fit/aligner",
     ("fit", "textspan"): f"vitdecomp fit textspan --store {DEMO}/stores/clip --pool {DEMO}/world-pool.txt "
-                         f"--clip-checkpoint {DEMO}/cache/clip-<key>.safetensors --out fit/textspan",
+                         f"--clip-checkpoint vitdecomp/toyworld/weights/clip.safetensors --out fit/textspan",
     ("fit", "probe"): f"vitdecomp fit probe --store {DEMO}/stores/classifier --label-column label --out fit/probe",
     ("query", "compattribute"): f"vitdecomp query compattribute --store {DEMO}/stores/clip "
                                 f"--properties properties.json --out query/clip",
@@ -34,7 +34,7 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("query", "interpretability"): f"vitdecomp query interpretability --textspan {DEMO}/fit/textspan-clip "
                                    f"--properties {DEMO}/world-properties.yaml --out query/clip",
     ("serve",): f"vitdecomp serve --store {DEMO}/stores/clip --fit {DEMO}/fit/textspan-clip --query {DEMO}/query/clip "
-                f"--checkpoint {DEMO}/cache/clip-<key>.safetensors",
+                f"--checkpoint vitdecomp/toyworld/weights/clip.safetensors",
     ("store", "check"): f"vitdecomp store check {DEMO}/stores/clip",
     ("store", "repair"): f"vitdecomp store repair {DEMO}/stores/clip --apply",
     ("benchmark",): "vitdecomp benchmark overhead --model timm:vit_base_patch16_224",
