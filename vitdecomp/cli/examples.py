@@ -44,6 +44,12 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000 --workdir /tmp/vd-explorer",
     ("benchmark", "scale"): "vitdecomp benchmark scale --rows 10000,100000,1000000 --workdir /tmp/vd-scale",
     ("benchmark", "layout"): "vitdecomp benchmark layout --images 32",
+    ("reproduce", "waterbirds"): "vitdecomp reproduce waterbirds --root data/waterbird_complete95_forest2water2 "
+                                 "--models deit_b,clip_b16 --pretrained --out repro/waterbirds",
+    ("reproduce", "imagenet-ablation"): "vitdecomp reproduce imagenet-ablation --root data/imagenet --model clip_b16 "
+                                        "--pretrained --out repro/imagenet",
+    ("reproduce", "segmentation"): "vitdecomp reproduce segmentation --root data/imagenet-seg --model deit_b "
+                                   "--pretrained --out repro/seg",
     ("benchmark", "resume"): "vitdecomp benchmark resume --rows 1000000 --workdir /tmp/vd-resume",
     ("store", "vacuum"): f"vitdecomp store vacuum {DEMO}/stores/clip",
 }

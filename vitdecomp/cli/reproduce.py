@@ -46,15 +46,6 @@ HELP = {
     "limit": "segmentation: only the first N images (sorted by name)",
 }
 
-EXAMPLES = {
-    "waterbirds": "vitdecomp reproduce waterbirds --root data/waterbird_complete95_forest2water2 "
-                  "--models deit_b,clip_b16 --pretrained --out repro/waterbirds",
-    "imagenet-ablation": "vitdecomp reproduce imagenet-ablation --root data/imagenet --model clip_b16 --pretrained "
-                         "--out repro/imagenet",
-    "segmentation": "vitdecomp reproduce segmentation --root data/imagenet-seg --model deit_b --pretrained "
-                    "--out repro/seg",
-}
-
 
 def _runner(module: str):
     def run(cfg) -> int:
@@ -91,5 +82,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             ("segmentation", SegmentationConfig, "segmentation", "zero-shot segmentation: pixAcc, mIoU, mAP",
              "Zero-shot segmentation from token heatmaps on images/ + masks/ (same names, binary masks): pixAcc, "
              "mIoU (pooled) and mAP.")):
-        q = add_job_parser(rsub, name, cls, HELP, _runner(module), help=short, description=text)
-        q.epilog = "example:\n  " + EXAMPLES[name]
+        add_job_parser(rsub, name, cls, HELP, _runner(module), help=short, description=text)

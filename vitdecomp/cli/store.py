@@ -38,8 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("store", help="check, repair or vacuum a store (duplicate ids, missing and orphan files)",
                        description="Check a store's integrity, or repair it: drop surplus copies of duplicated "
                                    "image ids (one copy of each is kept) and remove orphan files (written by work "
-                                   "that was cut off; never read), or only vacuum: remove the orphan files. "
-                                   "Example: vitdecomp store vacuum s3://bucket/stores/run1")
+                                   "that was cut off; never read), or only vacuum: remove the orphan files.")
     ssub = p.add_subparsers(dest="store_command", required=True, metavar="what")
     for name, fn, text in (("check", check, "report ids stored twice, missing files, orphan files and the lease "
                                             "(exit 1 when something needs repairing)"),
