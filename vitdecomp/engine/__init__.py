@@ -14,7 +14,8 @@ from typing import Any
 
 _EXPORTS = {"Decomposition": ".engine", "block_paths": ".engine", "components_for": ".engine",
             "decompose": ".engine", "select_blocks": ".engine", "Component": ".names",
-            "register_rule": ".rules", "plan_for": ".rules.models"}
+            "register_rule": ".rules", "plan_for": ".rules.models", "with_post": ".rules.models",
+            "RuleContext": ".rules"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -4,10 +4,17 @@
 positions as the model runs, carried through the branch gains (LayerScale) and then through the
 frozen affine readout chain (final norm, pooled norm, projection, optional L2 normalisation).
 Memory is O(B·K·D) plus the requested token maps.
+
+One path for every family (README “Writing a rule”): :func:`~.rules.models.plan_for` resolves the
+model's rules; :func:`as_positions` turns any plan into units (one per residual branch, from the
+block rules) and frozen per-position readout weights. A CLS token or mean pooling is the static
+case — weights known before the forward pass, so units pool inside their hooks and attention rules
+compute only the readout query's row — while attention pools, per-token norms, Swin and MaxViT
+keep per-position branch outputs until the forward pass has fixed their weights. :func:`_assemble`
+carries both through the readout the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
@@ -20,9 +27,9 @@ from ..errors import InputError
 from .names import Component
 from .rules.affine import CONVENTIONS, apply_map, matrix_map, norm_map
 from .rules.attention import AttnResult
+from .rules.context import RuleContext
 from .rules.models import ModelPlan, plan_for
-from .rules.pool import Pooling
-from .rules.spatial import SpatialPlan, pool_positions
+from .rules.spatial import ReadoutMaps, SpatialPlan, Unit, pool_positions
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +131,7 @@ class Decomposition:
         return t.reshape(t.shape[0], *grid, t.shape[-1])
 
 
-@dataclass
-class _Ctx:
-    """What rules see while the model runs."""
-
-    pooling: Pooling
-    dtype: torch.dtype
-    heads: bool
-    layout: str
-    wanted_tokens: dict[str, list[int]]
-
-    def token_heads(self, attn_path: str) -> list[int]:
-        return self.wanted_tokens.get(attn_path, [])
-
-    def to_bnd(self, x: Tensor) -> Tensor:
-        return x if self.layout == "BND" else x.transpose(0, 1)
-
-    def exact(self):
-        """Engine math runs outside autocast, in the compute dtype."""
-        return torch.autocast(device_type="cuda", enabled=False) if torch.is_autocast_enabled("cuda") \
-            else (torch.autocast(device_type="cpu", enabled=False) if torch.is_autocast_enabled("cpu")
-                  else contextlib.nullcontext())
+_Ctx = RuleContext  # old private name, kept for code written against it
 
 
 def _unwrap(model) -> nn.Module:
@@ -179,22 +166,6 @@ def select_blocks(n_blocks: int, blocks: Optional[Iterable[int]]) -> list[int]:
     return sel
 
 
-def component_list(plan: ModelPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
-    """Ordered components: ``embed``, per block attention heads (or attention) then MLP, ``bias``."""
-    out = [Component(N.EMBED, "embed", "")]
-    for i, path, _, rule in plan.blocks:
-        if i not in blocks:
-            continue
-        if heads:
-            out += [Component(N.head_name(rule.attn_path, h), "head", rule.attn_path, i, h)
-                    for h in range(rule.attn.num_heads)]
-        else:
-            out.append(Component(rule.attn_path, "attn", rule.attn_path, i))
-        out.append(Component(rule.mlp_path, "mlp", rule.mlp_path, i))
-    out.append(Component(N.BIAS, "bias", ""))
-    return out
-
-
 def _blocks_of(plan, blocks) -> list[int]:
     """``blocks`` as indices; a string names the first decomposed block by its module path."""
     if isinstance(blocks, str):
@@ -214,10 +185,8 @@ def block_paths(model) -> list[str]:
 
 def components_for(model, blocks: Optional[Union[Iterable[int], str]] = None, heads: bool = True) -> list[Component]:
     """The component list :func:`decompose` would return, without running the model."""
-    plan = plan_for(_unwrap(model))
-    if isinstance(plan, SpatialPlan):
-        return _spatial_components(plan, _blocks_of(plan, blocks), heads)
-    return component_list(plan, _blocks_of(plan, blocks), heads)
+    plan = as_positions(plan_for(_unwrap(model)))
+    return _components(plan, _blocks_of(plan, blocks), heads)
 
 
 def _offset_weights(components: list[Component], convention: str, heads_per_block: Optional[dict] = None,
@@ -289,94 +258,228 @@ def decompose(
     plan = plan_for(net)
     _check_images(images, plan)
     sel = _blocks_of(plan, blocks)
-    spatial = isinstance(plan, SpatialPlan)
-    comps = _spatial_components(plan, sel, heads) if spatial else component_list(plan, sel, heads)
+    param = next(net.parameters())
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    ctx = RuleContext(plan.pooling if isinstance(plan, ModelPlan) else None, dtype, heads, plan.layout, {})
+    pplan = as_positions(plan, ctx)
+    comps = _components(pplan, sel, heads)
     names = [c.name for c in comps]
-    wanted: dict[str, list[int]] = {}
     for t in tokens or ():
         c = comps[N.select(names, [t])[0]]
         if c.kind != "head":
             raise InputError(f"token contributions are defined for attention heads; {t!r} is a {c.kind} "
                              "(use heads=True and a name like 'blocks.11.attn.head.0')")
-        wanted.setdefault(c.path, []).append(c.head)
-    if spatial:
-        return _decompose_spatial(plan, net, images, sel, heads, wanted, convention, normalize)
+        ctx.wanted_tokens.setdefault(c.path, []).append(c.head)
 
-    param = next(net.parameters())
-    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    ctx = _Ctx(plan.pooling, dtype, heads, plan.layout, wanted)
-    chosen = [b for b in plan.blocks if b[0] in sel]
-    attn_out: dict[int, AttnResult] = {}
-    mlp_out: dict[int, Tensor] = {}
-    stream: dict[str, Tensor] = {}
-
-    def pooled(x: Tensor) -> Tensor:
-        with ctx.exact():
-            return plan.pooling.pool(ctx.to_bnd(x).to(dtype))
-
+    units = [u for u in pplan.units if u.block in sel]
+    store: dict = {}
+    first = [b for b in pplan.blocks if b[0] == sel[0]][0]
     handles = []
     try:
-        first = chosen[0][2]
-        handles.append(first.register_forward_pre_hook(lambda _, a: stream.__setitem__("embed", pooled(a[0]))))
-        handles.append(plan.blocks[-1][2].register_forward_hook(
-            lambda _, __, out: stream.__setitem__("final", pooled(out))))
-        for i, _, _, rule in chosen:
-            handles += rule.attn.hooks(ctx, lambda r, i=i: attn_out.__setitem__(i, r))
-            handles.append(rule.mlp.register_forward_hook(
-                lambda _, __, out, i=i: mlp_out.__setitem__(i, pooled(out))))
+        handles += pplan.embed_hook(first[2], store)
+        handles += pplan.hooks(store)
+        for u in units:
+            handles += u.hooks(store, u.name, ctx)
         with torch.inference_mode():
-            z = plan.readout(images)
+            z = pplan.readout(images)
     finally:
         for h in handles:
             h.remove()
-
     with torch.inference_mode(), ctx.exact():
-        return _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z.to(dtype), convention,
-                         normalize, grid=plan.grid(tuple(images.shape[-2:])))
+        return _assemble(pplan, comps, units, store, z.to(dtype), sel, ctx, convention, normalize,
+                         tuple(images.shape[-2:]))
 
 
-def _assemble(plan, comps, chosen, ctx, stream, attn_out, mlp_out, z, convention, normalize, grid) -> Decomposition:
-    dtype, dev = ctx.dtype, z.device
+# --------------------------------------------------------------------- one path: readout weights
+def as_positions(plan, ctx: Optional[RuleContext] = None) -> SpatialPlan:
+    """Any plan as per-position readout weights (the one path every family takes).
 
-    def gain(g: Optional[Tensor]) -> Tensor:
-        return torch.ones((), dtype=dtype, device=dev) if g is None else g.to(dtype)
+    A :class:`ModelPlan`'s CLS token or mean pooling is the *static* special case: one weight
+    group whose weights are known before the forward pass, so each unit pools its branch output
+    inside its hook (never storing a block's full stream) and attention rules report heads through
+    :meth:`AttentionRule.hooks` (only the readout query's attention row per head is computed).
+    Units come from the same block rules (:meth:`BlockRule.parts`) as for per-position readouts.
+    ``ctx`` is the call's context (None when only the component list is needed).
+    """
+    if isinstance(plan, SpatialPlan):
+        return plan
+    pooling = plan.pooling
 
-    parts = [stream["embed"]]
-    bias = torch.zeros_like(stream["embed"])
-    heads_per_block, raw_tokens, diag = {}, {}, {"head_sum_error": {}}
-    for i, _, _, rule in chosen:
-        g1, g2, a = gain(rule.gain1), gain(rule.gain2), attn_out[i]
-        if ctx.heads:
-            H = a.heads.shape[1]
-            heads_per_block[i] = H
-            recon = a.heads.sum(1) + a.bias
-            diag["head_sum_error"][rule.attn_path] = float(
-                ((recon - a.branch).norm(dim=-1) / a.branch.norm(dim=-1).clamp_min(1e-30)).max())
-            if convention == "uniform":          # the out-projection bias is split evenly over heads
-                parts += list((a.heads * g1 + a.bias * g1 / H).unbind(1))
+    def pooled(x: Tensor) -> Tensor:                                   # [B, N, D] stream → [B, 1, D]
+        with ctx.exact():
+            return pooling.pool(ctx.to_bnd(x).to(ctx.dtype))[:, None]
+
+    def attn_hooks(br):
+        def hooks(store, key, ctx_):
+            return br.attn.hooks(ctx_, lambda r: store.__setitem__(key, r))
+        return hooks
+
+    def branch_hooks(br):
+        def hooks(store, key, ctx_):
+            return [br.module.register_forward_hook(lambda _, __, out: store.__setitem__(key, pooled(out)))]
+        return hooks
+
+    units = []
+    for i, _, _, rule in plan.blocks:
+        for br in rule.parts():
+            if br.kind == "attn":
+                units.append(Unit("attn", br.path, "attn", i, 0, attn_hooks(br), br.gain,
+                                  br.attn.num_heads, br.attn.head_dim))
             else:
-                parts += list((a.heads * g1).unbind(1))
-                bias = bias + a.bias * g1
-            for h, t in a.tokens.items():
-                n = t.shape[1]
-                extra = a.bias * g1 / (H * n) if convention == "uniform" else 0.0
-                raw_tokens[N.head_name(rule.attn_path, h)] = (t * g1 + extra, i, H)
+                units.append(Unit("branch", br.path, br.kind, i, 0, branch_hooks(br), br.gain))
+
+    def embed_hook(module, store):
+        return [module.register_forward_pre_hook(lambda _, a: store.__setitem__(N.EMBED, pooled(a[0])))]
+
+    def hooks(store):
+        return [plan.blocks[-1][2].register_forward_hook(lambda _, __, out: store.__setitem__("final", pooled(out)))]
+
+    def finalize(store, convention, first_level) -> ReadoutMaps:
+        total = store["final"][:, 0]
+        return ReadoutMaps({0: None}, lambda level, P: P[:, :, 0], torch.zeros_like(total), total, pooled=True)
+
+    return SpatialPlan(
+        family=plan.family, root=plan.root, blocks=[b[:3] for b in plan.blocks], units=units, readout=plan.readout,
+        check_input=plan.check_input, embed_hook=embed_hook, level_of_input=lambda b: 0, hooks=hooks,
+        finalize=finalize, grids=lambda hw: {0: plan.grid(hw)}, num_prefix_tokens=plan.num_prefix_tokens,
+        layout=plan.layout, post=list(plan.post), static=pooling)
+
+
+def _components(plan: SpatialPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
+    """Ordered components: ``embed``, per unit (attention heads or attention, MLP, conv), the
+    post-stream components (SigLIP's pool MLP), ``bias``."""
+    out = [Component(N.EMBED, "embed", "")]
+    for u in plan.units:
+        if u.block not in blocks:
+            continue
+        if u.kind == "attn":
+            if heads:
+                out += [Component(N.head_name(u.name, h), "head", u.name, u.block, h) for h in range(u.num_heads)]
+            else:
+                out.append(Component(u.name, "attn", u.name, u.block))
         else:
-            parts.append(a.branch * g1)
-        parts.append(mlp_out[i] * g2)
-    parts.append(bias)
-    stack = torch.stack(parts, 1)                                        # [B, K, D] pooled stream terms
-    total = stream["final"]
+            out.append(Component(u.name, u.ckind, u.name, u.block))
+    out += [Component(name, kind, name) for kind, name in plan.extra_components]
+    out.append(Component(N.BIAS, "bias", ""))
+    return out
+
+
+def _assemble(plan: SpatialPlan, comps, units, store, z, sel, ctx: RuleContext, convention, normalize, hw):
+    """Carry every unit's terms through the frozen readout: pool them with their level's weights
+    (static plans pooled them in their hooks already), map the groups to the readout (``lin``),
+    distribute the offsets by the convention, then the affine chain ``post``."""
+    heads, wanted, dtype = ctx.heads, ctx.wanted_tokens, ctx.dtype
+    first_level = plan.level_of_input(sel[0])
+    maps = plan.finalize(store, convention, first_level)
+    static = maps.pooled
+    W = {} if static else {lvl: w.to(dtype) for lvl, w in maps.weights.items()}
+
+    def pooled(level: int, u: Tensor) -> Tensor:
+        """Per-position terms ``u [B, N, C]`` (or already pooled ``[B, G, C]``) → ``[B, G, C]``."""
+        return u if static else pool_positions(W[level], u.to(dtype))
+
+    def carry(level: int, u: Tensor) -> Tensor:
+        """Terms of one component → its contribution ``[B, d]``."""
+        return maps.lin(level, pooled(level, u)[:, None])[:, 0]
+
+    def const(level: int, b: Tensor) -> Tensor:
+        """A per-position constant ``b [D]`` added to the stream at ``level`` → ``[B, d]``."""
+        mass = W[level].sum(-1)                                                   # [B, G]
+        return maps.lin(level, (mass[..., None] * b.to(dtype))[:, None])[:, 0]
+
+    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store[N.EMBED])}
+    bias = maps.offset.clone()
+    heads_per_block: dict[int, int] = {}
+    raw_tokens: dict[str, tuple] = {}
+    diag: dict = {"head_sum_error": {}}
+    for u in units:
+        x = store[u.name]
+        g = u.gain.to(dtype) if u.gain is not None else None
+        if u.kind != "attn":
+            values[u.name] = carry(u.level, x if g is None else x.to(dtype) * g)
+            continue
+        if isinstance(x, AttnResult):                   # static readout: the rule pooled and split the heads
+            hv, bv = _static_heads(u, x, g, maps, heads, diag)
+            if hv is None:
+                values[u.name] = bv
+                continue
+            H = hv.shape[1]
+            for h, t in x.tokens.items():
+                raw_tokens[N.head_name(u.name, h)] = (u.level, (t if g is None else t * g)[:, :, None], bv / H)
+        else:
+            H, dh = u.num_heads, u.head_dim
+            x = x.to(dtype)                                                       # [B, N, C] image coordinates
+            w_o = u.proj.weight.to(dtype).view(-1, H, dh)                         # [D, H, dh]
+            if g is not None:
+                w_o = w_o * g[:, None, None]
+            P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)         # [B, G, H, dh]
+            per_head = torch.einsum("bghd,ehd->bhge", P, w_o)                     # [B, H, G, D]
+            hv = maps.lin(u.level, per_head)                                      # [B, H, d]
+            b_o = u.proj.bias.to(dtype) * (g if g is not None else 1.0) if u.proj.bias is not None else None
+            bv = const(u.level, b_o) if b_o is not None else torch.zeros_like(hv[:, 0])
+            if not heads:
+                values[u.name] = hv.sum(1) + bv
+                continue
+            # the unsplit out-projection of the same pooled input (checks the head split itself; the
+            # branch's real output is checked by the reconstruction of z)
+            real = maps.lin(u.level, (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
+            diag["head_sum_error"][u.name] = float(((hv.sum(1) + bv - real).norm(dim=-1)
+                                                    / real.norm(dim=-1).clamp_min(1e-30)).max())
+            for h in wanted.get(u.name, []):
+                terms = x.view(*x.shape[:2], H, dh)[:, :, h] @ w_o[:, h].T          # [B, N, D] head h per position
+                raw_tokens[N.head_name(u.name, h)] = (u.level, terms, bv / H)
+        heads_per_block[u.block] = H
+        if convention == "uniform":                     # the out-projection bias is split evenly over heads
+            hv = hv + bv[:, None] / H
+        else:
+            bias = bias + bv
+        for h in range(H):
+            values[N.head_name(u.name, h)] = hv[:, h]
+    values.update({k: v.to(dtype) for k, v in maps.extra.items()})
+    values[N.BIAS] = torch.zeros_like(bias) if convention == "uniform" else bias
+    stack = torch.stack([values[c.name] for c in comps], 1)                      # [B, K, d]
+    w = _offset_weights(comps, convention, heads_per_block, dtype, z.device)
+    if convention == "uniform" and not static:
+        stack = stack + w[None, :, None] * maps.offset[:, None, :]
+    total = maps.total.to(dtype)
     diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
 
-    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
     name_idx = {c.name: k for k, c in enumerate(comps)}
-    tok = {name: (t, w[name_idx[name]].expand(t.shape[1]) / t.shape[1]) for name, (t, _, _) in raw_tokens.items()}
-    stack, tok, _, z, offset = _through_chain(plan.post, total, stack, tok, w, convention, normalize, z, diag)
+    tok = {}
+    for name, (level, terms, b_share) in raw_tokens.items():
+        k, n = name_idx[name], terms.shape[1]
+        if static:                                      # source tokens of the readout query: [B, N, 1, D]
+            t = maps.lin(level, terms)
+        else:                                           # direct effect of each position, chunked
+            t = torch.cat([maps.lin(level, W[level][:, :, s:s + 256].transpose(1, 2)[..., None]
+                                    * terms[:, s:s + 256, None, :]) for s in range(0, n, 256)], 1)   # [B, N, d]
+        if convention == "uniform":
+            t = t + (b_share / n)[:, None] if static else t + (b_share + w[k] * maps.offset)[:, None] / n
+        tok[name] = (t, w[k].expand(n) / n)
+    ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
+    stack, tok, ph, z, offset = _through_chain(list(maps.post) + list(plan.post), total, stack, tok, w, convention,
+                                               normalize, z, diag, ph)
+    grids = plan.grids(hw)
+    unit_level = {u.name: u.level for u in units}
+    token_grids = {} if static else {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}
     return Decomposition(
         names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
         tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
-        num_prefix_tokens=plan.num_prefix_tokens, grid=grid, diagnostics=diag, offset=offset)
+        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[max(grids)], diagnostics=diag, token_grids=token_grids,
+        pool_heads=ph, offset=offset if static else None)
+
+
+def _static_heads(u: Unit, a: AttnResult, g: Optional[Tensor], maps: ReadoutMaps, heads: bool, diag: dict):
+    """An attention rule's pooled report → ``(heads [B, H, d], bias [B, d])``, or ``(None, branch)``
+    when heads are off."""
+    if not heads:
+        return None, maps.lin(u.level, (a.branch if g is None else a.branch * g)[:, None, None])[:, 0]
+    recon = a.heads.sum(1) + a.bias
+    diag["head_sum_error"][u.name] = float(((recon - a.branch).norm(dim=-1)
+                                            / a.branch.norm(dim=-1).clamp_min(1e-30)).max())
+    hv = maps.lin(u.level, (a.heads if g is None else a.heads * g)[:, :, None])
+    bv = (a.bias if g is None else a.bias * g).expand(hv.shape[0], -1)
+    return hv, maps.lin(u.level, bv[:, None, None])[:, 0]
 
 
 def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, convention: str, normalize: bool,
@@ -404,134 +507,3 @@ def _through_chain(post, total: Tensor, stack: Tensor, tok: dict, w: Tensor, con
         z = z * scale[:, None]
     diag["chain_error"] = float(((stack.sum(1) - z).norm(dim=-1) / z.norm(dim=-1)).max())
     return stack, tok, extra, z, offset
-
-
-# --------------------------------------------------------------------- per-position readouts
-def _spatial_components(plan: SpatialPlan, blocks: Sequence[int], heads: bool) -> list[Component]:
-    out = [Component(N.EMBED, "embed", "")]
-    for u in plan.units:
-        if u.block not in blocks:
-            continue
-        if u.kind == "attn":
-            if heads:
-                out += [Component(N.head_name(u.name, h), "head", u.name, u.block, h) for h in range(u.num_heads)]
-            else:
-                out.append(Component(u.name, "attn", u.name, u.block))
-        else:
-            out.append(Component(u.name, u.ckind, u.name, u.block))
-    out += [Component(name, kind, name) for kind, name in plan.extra_components]
-    out.append(Component(N.BIAS, "bias", ""))
-    return out
-
-
-def _decompose_spatial(plan: SpatialPlan, net, images, sel, heads, wanted_tokens, convention, normalize):
-    comps = _spatial_components(plan, sel, heads)
-    param = next(net.parameters())
-    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    units = [u for u in plan.units if u.block in sel]
-    store: dict = {}
-    first = [b for b in plan.blocks if b[0] == sel[0]][0]
-    handles = []
-    try:
-        handles += plan.embed_hook(first[2], store)
-        handles += plan.hooks(store)
-        for u in units:
-            handles += u.hooks(store, u.name)
-        with torch.inference_mode():
-            z = plan.readout(images)
-    finally:
-        for h in handles:
-            h.remove()
-    ctx = _Ctx(None, dtype, heads, plan.layout, {})
-    with torch.inference_mode(), ctx.exact():
-        return _assemble_spatial(plan, comps, units, store, z.to(dtype), sel, heads, wanted_tokens, convention,
-                                 normalize, dtype, tuple(images.shape[-2:]))
-
-
-def _assemble_spatial(plan, comps, units, store, z, sel, heads, wanted, convention, normalize, dtype, hw):
-    first_level = plan.level_of_input(sel[0])
-    maps = plan.finalize(store, convention, first_level)
-    dev = z.device
-    W = {lvl: w.to(dtype) for lvl, w in maps.weights.items()}
-
-    def carry(level: int, u: Tensor) -> Tensor:
-        """Per-position terms ``u [B, N, D]`` of one component → its contribution ``[B, d]``."""
-        return maps.lin(level, pool_positions(W[level], u.to(dtype))[:, None])[:, 0]
-
-    def const(level: int, b: Tensor) -> Tensor:
-        """A per-position constant ``b [D]`` added to the stream at ``level`` → ``[B, d]``."""
-        mass = W[level].sum(-1)                                                   # [B, G]
-        return maps.lin(level, (mass[..., None] * b.to(dtype))[:, None])[:, 0]
-
-    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store[N.EMBED])}
-    bias = maps.offset.clone()
-    heads_per_block: dict[int, int] = {}
-    raw_tokens: dict[str, tuple] = {}
-    diag: dict = {"head_sum_error": {}}
-    for u in units:
-        x = store[u.name].to(dtype)                                               # [B, N, C] image coordinates
-        g = u.gain.to(dtype) if u.gain is not None else None
-        if u.kind != "attn":
-            values[u.name] = carry(u.level, x if g is None else x * g)
-            continue
-        H, dh = u.num_heads, u.head_dim
-        w_o = u.proj.weight.to(dtype).view(-1, H, dh)                             # [D, H, dh]
-        if g is not None:
-            w_o = w_o * g[:, None, None]
-        P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)             # [B, G, H, dh]
-        per_head = torch.einsum("bghd,ehd->bhge", P, w_o)                         # [B, H, G, D]
-        hv = maps.lin(u.level, per_head)                                          # [B, H, d]
-        b_o = u.proj.bias.to(dtype) * (g if g is not None else 1.0) if u.proj.bias is not None else None
-        bv = const(u.level, b_o) if b_o is not None else torch.zeros_like(hv[:, 0])
-        if heads:
-            heads_per_block[u.block] = H
-            if convention == "uniform":
-                hv = hv + bv[:, None] / H
-            else:
-                bias = bias + bv
-            for h in range(H):
-                values[N.head_name(u.name, h)] = hv[:, h]
-            # the unsplit out-projection of the same pooled input (checks the head split itself; the
-            # branch's real output is checked by the reconstruction of z)
-            real = maps.lin(u.level, (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
-            diag["head_sum_error"][u.name] = float(((hv.sum(1) + (0 if convention == "uniform" else bv) - real).norm(dim=-1)
-                                                    / real.norm(dim=-1).clamp_min(1e-30)).max())
-            for h in wanted.get(u.name, []):
-                terms = x.view(*x.shape[:2], H, dh)[:, :, h] @ w_o[:, h].T          # [B, N, D] head h per position
-                raw_tokens[N.head_name(u.name, h)] = (u.level, terms, bv / H if convention == "uniform" else None)
-        else:
-            values[u.name] = hv.sum(1) + bv
-    values.update({k: v.to(dtype) for k, v in maps.extra.items()})
-    values[N.BIAS] = torch.zeros_like(bias) if convention == "uniform" else bias
-    stack = torch.stack([values[c.name] for c in comps], 1)                      # [B, K, d]
-    w = _offset_weights(comps, convention, heads_per_block, dtype, dev)
-    if convention == "uniform":
-        stack = stack + w[None, :, None] * maps.offset[:, None, :]
-    total = maps.total.to(dtype)
-    diag["stream_error"] = float(((stack.sum(1) - total).norm(dim=-1) / total.norm(dim=-1)).max())
-
-    # token terms: direct effect of each position of the component's level, chunked over positions
-    name_idx = {c.name: k for k, c in enumerate(comps)}
-    tok = {}
-    for name, (level, terms, extra) in raw_tokens.items():
-        Wl, n = W[level], terms.shape[1]
-        chunks = []
-        for s in range(0, n, 256):
-            part = Wl[:, :, s:s + 256].transpose(1, 2)[..., None] * terms[:, s:s + 256, None, :]   # [B, n', G, D]
-            chunks.append(maps.lin(level, part))
-        t = torch.cat(chunks, 1)                                                 # [B, N, d]
-        k = name_idx[name]
-        if convention == "uniform":
-            t = t + (extra + w[k] * maps.offset)[:, None] / n
-        tok[name] = (t, w[k].expand(n) / n)
-    ph = maps.pool_heads.to(dtype) if maps.pool_heads is not None else None
-    stack, tok, ph, z, _ = _through_chain(maps.post, total, stack, tok, w, convention, normalize, z, diag, ph)
-    grids = plan.grids(hw)
-    unit_level = {u.name: u.level for u in units}
-    token_grids = {name: grids[unit_level[name.rsplit(".head.", 1)[0]]] for name in tok}
-    last = max(grids)
-    return Decomposition(
-        names=[c.name for c in comps], components=comps, contributions=stack, readout=z,
-        tokens={name: t for name, (t, _) in tok.items()}, convention=convention, normalized=normalize,
-        num_prefix_tokens=plan.num_prefix_tokens, grid=grids[last], diagnostics=diag, token_grids=token_grids,
-        pool_heads=ph)

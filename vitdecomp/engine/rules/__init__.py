@@ -1,8 +1,12 @@
 """Rules: how each module type's computation is decomposed exactly (one registry per role).
 
-Importing this package registers the built-in rules; :func:`register_rule` adds your own.
+Importing this package registers the built-in rules; :func:`register_rule` adds your own (README
+“Writing a rule”). Rules see the engine only through :class:`RuleContext`.
 """
 from .registry import ROLES, find_rule, list_rules, register_rule, rule_for
+from .context import RuleContext
 from . import affine, attention, blocks, models, families  # noqa: E402,F401  (registrations)
+from . import vit_variants  # noqa: E402,F401  (DeiT distilled, BEiT, CaiT, RelPos, post-norm, diff, parallel)
+from . import open_clip_timm  # noqa: E402,F401  (open_clip TimmModel towers)
 
-__all__ = ["ROLES", "find_rule", "list_rules", "register_rule", "rule_for"]
+__all__ = ["ROLES", "RuleContext", "find_rule", "list_rules", "register_rule", "rule_for"]

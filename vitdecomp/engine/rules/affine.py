@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ...errors import UnsupportedModuleError
 from .registry import register_rule
 
 CONVENTIONS = ("centered", "uniform")
@@ -93,7 +94,8 @@ _register_scales()
 def layernorm_stats(x: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor]:
     """Frozen statistics of ``x [..., D]``: mean ``[..., 1]`` (0 for RMSNorm) and ``σ [..., 1]``.
 
-    Population variance and the module's own eps: exactly what the forward pass used.
+    Population variance and the module's own eps: exactly what the forward pass used. Used for
+    pooled totals (``[B, D]``) and per-position streams (``[B, N, D]``) alike.
     """
     if spec.kind == "layernorm":
         mu = x.mean(-1, keepdim=True)
@@ -101,7 +103,8 @@ def layernorm_stats(x: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor]:
         return mu, (var + spec.eps).sqrt()
     if spec.kind == "rmsnorm":
         return torch.zeros_like(x[..., :1]), (x.pow(2).mean(-1, keepdim=True) + spec.eps).sqrt()
-    raise ValueError(f"no statistics for norm kind {spec.kind!r}")
+    raise UnsupportedModuleError(f"no frozen statistics for a norm of kind {spec.kind!r} "
+                                 "(layernorm and rmsnorm only)")
 
 
 def norm_map(spec: NormSpec, total: Tensor, convention: str) -> tuple[FrozenAffine, Tensor]:
@@ -152,6 +155,7 @@ def apply_map(m: FrozenAffine, stack: Tensor, offset_weights: Tensor) -> Tensor:
 
 
 def center_last(x: Tensor) -> Tensor:
+    """``x`` minus its mean over the last (channel) dim: the centring of a LayerNorm."""
     return x - x.mean(-1, keepdim=True)
 
 

@@ -83,10 +83,20 @@ def _subln_bias(spec: NormSpec, w_o: Tensor, dtype) -> Optional[Tensor]:
 
 # ----------------------------------------------------------------------------------- the rules
 class AttentionRule:
-    """Base: hooks on one attention module; reports an :class:`AttnResult` after it runs.
+    """Base: hooks on one attention module; an instance is made per module (``rule(path, module)``).
 
-    Subclasses implement :meth:`hooks`. ``ctx`` (from the engine) provides ``pooling``, ``dtype``,
-    ``heads`` (split into heads?), ``token_heads(path)`` and ``to_bnd(x)`` (sequence layout).
+    Two ways the engine uses it (``ctx`` is a :class:`~.context.RuleContext`):
+
+    - :meth:`hooks` (static readouts: CLS token, mean pooling; ``ctx.pooling`` is set): register
+      forward hooks that call ``sink(AttnResult)`` once the module has run, with the branch output
+      and, when ``ctx.heads``, the heads pooled with ``ctx.pooling``;
+    - :meth:`position_hooks` (per-position readouts: attention pool, Swin, MaxViT;
+      ``ctx.pooling`` is None): call ``sink(t)`` with the out-projection's input ``t [..., H·dh]`` as
+      the module computed it (heads concatenated, partitioned positions as the module saw them; the
+      block rule undoes partitions). The default hooks :meth:`out_proj`'s input, which is exact for
+      any attention whose heads meet only in that Linear.
+
+    Set ``num_heads`` and ``head_dim`` in ``__init__``.
     """
 
     num_heads: int
@@ -96,7 +106,20 @@ class AttentionRule:
         self.path, self.module = path, module
 
     def hooks(self, ctx, sink: Callable[[AttnResult], None]) -> list:
-        raise NotImplementedError
+        raise UnsupportedModuleError(f"{self.path}: {type(self).__qualname__} has no hooks() for a CLS / mean-pooled "
+                                     "readout; implement AttentionRule.hooks")
+
+    def out_proj(self) -> nn.Linear:
+        """The out-projection Linear whose input is the concatenated head outputs (nothing in between)."""
+        proj = getattr(self.module, "proj", None)
+        if not isinstance(proj, nn.Linear):
+            raise UnsupportedModuleError(f"{self.path}.proj: {type(proj).__qualname__} is not an nn.Linear "
+                                         "out-projection; override AttentionRule.out_proj/position_hooks")
+        return proj
+
+    def position_hooks(self, ctx, sink: Callable[[Tensor], None]) -> list:
+        """Per-position readouts: report the out-projection's input (see the class docstring)."""
+        return [self.out_proj().register_forward_pre_hook(lambda _, args: sink(args[0]))]
 
 
 def _no_mask(path: str, kwargs: dict, *names: str) -> None:
@@ -106,97 +129,98 @@ def _no_mask(path: str, kwargs: dict, *names: str) -> None:
                                          "self-attention (as in vision towers) is decomposed")
 
 
-def _register_timm() -> None:
-    from timm.layers.attention import Attention
+class TimmAttention(AttentionRule):
+    """timm ``Attention``: fused qkv Linear, optional q/k norms, optional sub-norm, proj Linear."""
 
-    @register_rule("attention", Attention)
-    class TimmAttention(AttentionRule):
-        """timm ``Attention``: fused qkv Linear, optional q/k norms, optional sub-norm, proj Linear."""
+    def __init__(self, path: str, module: nn.Module):
+        super().__init__(path, module)
+        if getattr(module, "gate", None) is not None:
+            raise UnsupportedModuleError(f"{path}: gated timm Attention (gate=True) is not supported yet")
+        if not isinstance(module.qkv, nn.Linear):
+            raise UnsupportedModuleError(f"{path}.qkv: {type(module.qkv).__qualname__} is not an nn.Linear")
+        self.num_heads, self.head_dim = module.num_heads, module.head_dim
+        self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
 
-        def __init__(self, path: str, module: nn.Module):
-            super().__init__(path, module)
-            if getattr(module, "gate", None) is not None:
-                raise UnsupportedModuleError(f"{path}: gated timm Attention (gate=True) is not supported yet")
-            if not isinstance(module.qkv, nn.Linear):
-                raise UnsupportedModuleError(f"{path}.qkv: {type(module.qkv).__qualname__} is not an nn.Linear")
-            self.num_heads, self.head_dim = module.num_heads, module.head_dim
-            self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
+    def out_proj(self) -> nn.Linear:
+        if self.subnorm.kind != "identity":
+            raise UnsupportedModuleError(f"{self.path}.norm: attention sub-norm with a per-position readout is not "
+                                         "supported yet")
+        return super().out_proj()
 
-        def hooks(self, ctx, sink):
-            m, cap = self.module, {}
-            k_plain = isinstance(m.k_norm, nn.Identity)
+    def hooks(self, ctx, sink):
+        m, cap = self.module, {}
+        k_plain = isinstance(m.k_norm, nn.Identity)
 
-            def pre(_, args, kwargs):
-                _no_mask(self.path, kwargs, "attn_mask", "is_causal")
-                cap.clear()
-                cap["x"] = args[0] if args else kwargs["x"]
+        def pre(_, args, kwargs):
+            _no_mask(self.path, kwargs, "attn_mask", "is_causal")
+            cap.clear()
+            cap["x"] = args[0] if args else kwargs["x"]
 
-            def on_q(_, __, out):
-                cap["q"] = out
+        def on_q(_, __, out):
+            cap["q"] = out
 
-            def on_k(_, __, out):
-                cap["k"] = out
+        def on_k(_, __, out):
+            cap["k"] = out
 
-            def on_norm_in(_, args):
-                cap["norm_in"] = args[0]
+        def on_norm_in(_, args):
+            cap["norm_in"] = args[0]
 
-            def post(_, __, out):
-                with ctx.exact():
-                    x = out.to(ctx.dtype)
-                    res = AttnResult(branch=ctx.pooling.pool(x))
-                    if ctx.heads:
-                        self._split(ctx, cap, res, x.shape[1], k_plain)
-                cap.clear()
-                sink(res)
+        def post(_, __, out):
+            with ctx.exact():
+                x = out.to(ctx.dtype)
+                res = AttnResult(branch=ctx.pooling.pool(x))
+                if ctx.heads:
+                    self._split(ctx, cap, res, x.shape[1], k_plain)
+            cap.clear()
+            sink(res)
 
-            handles = [m.register_forward_pre_hook(pre, with_kwargs=True),
-                       m.q_norm.register_forward_hook(on_q),
-                       m.register_forward_hook(post)]
-            if not k_plain:
-                handles.append(m.k_norm.register_forward_hook(on_k))
-            if self.subnorm.kind != "identity":
-                handles.append(m.norm.register_forward_pre_hook(on_norm_in))
-            return handles
+        handles = [m.register_forward_pre_hook(pre, with_kwargs=True),
+                   m.q_norm.register_forward_hook(on_q),
+                   m.register_forward_hook(post)]
+        if not k_plain:
+            handles.append(m.k_norm.register_forward_hook(on_k))
+        if self.subnorm.kind != "identity":
+            handles.append(m.norm.register_forward_pre_hook(on_norm_in))
+        return handles
 
-        def _split(self, ctx, cap, res: AttnResult, n: int, k_plain: bool) -> None:
-            """Readout rows from the captured input ``x`` and queries; no copy of keys or values.
+    def _split(self, ctx, cap, res: AttnResult, n: int, k_plain: bool) -> None:
+        """Readout rows from the captured input ``x`` and queries; no copy of keys or values.
 
-            ``q_h·k_h[m] = (W_k,hᵀ q_h)·x[m] + q_h·b_k,h`` (the second term is constant over ``m`` and
-            cancels in the softmax) when ``k_norm`` is the identity; ``Σ_m α[m] v_h[m] = (Σ_m α[m]
-            x[m]) W_v,hᵀ + b_v,h`` because ``Σ_m α[m] = 1``.
-            """
-            m, H, dh, dt = self.module, self.num_heads, self.head_dim, ctx.dtype
-            x = cap["x"].to(dt)                                                  # [B, N, D]
-            B, D = x.shape[0], x.shape[-1]
-            pos = ctx.pooling.positions(n)
-            w_qkv = m.qkv.weight.to(dt)
-            b_qkv = m.qkv.bias.to(dt) if m.qkv.bias is not None else torch.zeros(3 * H * dh, dtype=dt, device=x.device)
-            w_k, w_v = w_qkv[H * dh:2 * H * dh].view(H, dh, D), w_qkv[2 * H * dh:].view(H, dh, D)
-            b_v = b_qkv[2 * H * dh:].view(H, dh)
-            q = cap["q"][:, :, pos].to(dt)                                       # [B, H, S, dh]
-            w = ctx.pooling.weights(n, B, dt, q.device)                          # [B, S]
-            if self.subnorm.kind != "identity":
-                _, sigma = layernorm_stats(cap["norm_in"][:, pos].to(dt), self.subnorm)
-                w = w / sigma[..., 0]
-            if k_plain:
-                q_tilde = torch.einsum("bhsd,hde->bhse", q, w_k)                 # [B, H, S, D]
-                scores = torch.einsum("bhse,bne->bhsn", q_tilde, x)
-            else:
-                scores = torch.einsum("bhsd,bhnd->bhsn", q, cap["k"].to(dt))
-            alpha = readout_rows(scores * m.scale, w)                            # [B, H, N]
-            w_o = m.proj.weight.to(dt).view(-1, H, dh)                           # [D, H, dh]
-            subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
-            xt = torch.einsum("bhn,bne->bhe", alpha, x)                          # [B, H, D]
-            vt = (torch.einsum("bhe,hde->bhd", xt, w_v) + b_v)[:, :, None]       # [B, H, 1, dh]
-            res.heads = out_project(vt, w_o, subln)[:, :, 0]
-            res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
-            for h in ctx.token_heads(self.path):
-                v_h = torch.einsum("bne,de->bnd", x, w_v[h]) + b_v[h]               # [B, N, dh]
-                terms = (alpha[:, h, :, None] * v_h)[:, None]                    # [B, 1, N, dh]
-                sub = None if subln is None else (subln[0][h:h + 1], subln[1], subln[2])
-                res.tokens[h] = out_project(terms, w_o[:, h:h + 1], sub)[:, 0]
+        ``q_h·k_h[m] = (W_k,hᵀ q_h)·x[m] + q_h·b_k,h`` (the second term is constant over ``m`` and
+        cancels in the softmax) when ``k_norm`` is the identity; ``Σ_m α[m] v_h[m] = (Σ_m α[m]
+        x[m]) W_v,hᵀ + b_v,h`` because ``Σ_m α[m] = 1``.
+        """
+        m, H, dh, dt = self.module, self.num_heads, self.head_dim, ctx.dtype
+        x = cap["x"].to(dt)                                                  # [B, N, D]
+        B, D = x.shape[0], x.shape[-1]
+        pos = ctx.pooling.positions(n)
+        w_qkv = m.qkv.weight.to(dt)
+        b_qkv = m.qkv.bias.to(dt) if m.qkv.bias is not None else torch.zeros(3 * H * dh, dtype=dt, device=x.device)
+        w_k, w_v = w_qkv[H * dh:2 * H * dh].view(H, dh, D), w_qkv[2 * H * dh:].view(H, dh, D)
+        b_v = b_qkv[2 * H * dh:].view(H, dh)
+        q = cap["q"][:, :, pos].to(dt)                                       # [B, H, S, dh]
+        w = ctx.pooling.weights(n, B, dt, q.device)                          # [B, S]
+        if self.subnorm.kind != "identity":
+            _, sigma = layernorm_stats(cap["norm_in"][:, pos].to(dt), self.subnorm)
+            w = w / sigma[..., 0]
+        if k_plain:
+            q_tilde = torch.einsum("bhsd,hde->bhse", q, w_k)                 # [B, H, S, D]
+            scores = torch.einsum("bhse,bne->bhsn", q_tilde, x)
+        else:
+            scores = torch.einsum("bhsd,bhnd->bhsn", q, cap["k"].to(dt))
+        alpha = readout_rows(scores * m.scale, w)                            # [B, H, N]
+        w_o = m.proj.weight.to(dt).view(-1, H, dh)                           # [D, H, dh]
+        subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
+        xt = torch.einsum("bhn,bne->bhe", alpha, x)                          # [B, H, D]
+        vt = (torch.einsum("bhe,hde->bhd", xt, w_v) + b_v)[:, :, None]       # [B, H, 1, dh]
+        res.heads = out_project(vt, w_o, subln)[:, :, 0]
+        res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
+        for h in ctx.token_heads(self.path):
+            v_h = torch.einsum("bne,de->bnd", x, w_v[h]) + b_v[h]               # [B, N, dh]
+            terms = (alpha[:, h, :, None] * v_h)[:, None]                    # [B, 1, N, dh]
+            sub = None if subln is None else (subln[0][h:h + 1], subln[1], subln[2])
+            res.tokens[h] = out_project(terms, w_o[:, h:h + 1], sub)[:, 0]
 
-    return TimmAttention
 
 
 def _bias(out_bias: Optional[Tensor], extra: Optional[Tensor], like: Tensor) -> Tensor:
@@ -225,6 +249,10 @@ class MultiheadAttentionRule(AttentionRule):
         if module.bias_k is not None or module.add_zero_attn:
             raise UnsupportedModuleError(f"{path}: MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
         self.num_heads, self.head_dim = module.num_heads, module.head_dim
+
+    def out_proj(self) -> nn.Linear:
+        raise UnsupportedModuleError(f"{self.path}: nn.MultiheadAttention computes its heads inside one function "
+                                     "call; it is decomposed only with a CLS / mean-pooled readout")
 
     def hooks(self, ctx, sink):
         m, cap = self.module, {}
@@ -271,6 +299,33 @@ class MultiheadAttentionRule(AttentionRule):
             res.tokens[h] = out_project((alpha[:, h, :, None] * v_h)[:, None], w_o[:, h:h + 1])[:, 0]
 
 
+class _PositionsOnly(AttentionRule):
+    """Attention used only inside per-position readouts (windowed or partitioned positions)."""
+
+    def __init__(self, path: str, module: nn.Module, heads: int, head_dim: int):
+        super().__init__(path, module)
+        self.num_heads, self.head_dim = int(heads), int(head_dim)
+        self.out_proj()
+
+
+def _register_timm() -> None:
+    from timm.layers.attention import Attention
+    from timm.models.maxxvit import AttentionCl
+    from timm.models.swin_transformer import WindowAttention
+
+    register_rule("attention", Attention)(TimmAttention)
+
+    @register_rule("attention", WindowAttention)
+    def swin_window_attention(path: str, module: nn.Module) -> AttentionRule:
+        """Swin ``WindowAttention`` (relative position bias, shift mask): heads meet only in ``proj``."""
+        return _PositionsOnly(path, module, module.num_heads, module.proj.in_features // module.num_heads)
+
+    @register_rule("attention", AttentionCl)
+    def maxvit_attention(path: str, module: nn.Module) -> AttentionRule:
+        """MaxViT channels-last partition attention (relative position bias): heads meet only in ``proj``."""
+        return _PositionsOnly(path, module, module.num_heads, module.dim_head)
+
+
 _register_timm()
 
 
@@ -302,6 +357,12 @@ def _register_eva() -> None:
                 raise UnsupportedModuleError(f"{path}: gated EvaAttention is not supported yet")
             self.num_heads, self.head_dim = module.num_heads, module.head_dim
             self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
+
+        def out_proj(self) -> nn.Linear:
+            if self.subnorm.kind != "identity":
+                raise UnsupportedModuleError(f"{self.path}.norm: attention sub-norm with a per-position readout is "
+                                             "not supported yet")
+            return super().out_proj()
 
         def hooks(self, ctx, sink):
             m, cap = self.module, {}

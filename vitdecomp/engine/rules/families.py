@@ -1,17 +1,27 @@
 """Per-position readout plans (:mod:`.spatial`): SigLIP attention pool, per-token norm + mean pool,
-Swin and MaxViT. Everything is read from the unmodified upstream modules with forward hooks."""
+Swin and MaxViT. Everything is read from the unmodified upstream modules with forward hooks.
+
+No exact-type checks: every block, attention, MBConv branch, merge and pool module is resolved
+through the registry (:func:`~.registry.rule_for`, along the MRO), so a registered rule for a
+subclass (or a new type) is used here exactly as in a CLS-readout ViT. The block rules for Swin's
+``SwinTransformerBlock`` and MaxViT's ``MaxxVitBlock`` / ``PartitionAttentionCl`` live here, with
+the ``branch`` rule for ``MbConvBlock``, the ``merge`` rules for ``PatchMerging`` and
+``Downsample2d`` and the ``pool`` rule for ``AttentionPoolLatent``; units are built from any
+:class:`~.blocks.BlockRule` by :func:`block_units`.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...errors import InputError, UnsupportedModuleError
-from .registry import rule_for
-from .affine import NormSpec, PostOp
-from .blocks import _gain
-from .spatial import ReadoutMaps, SpatialPlan, Unit, ln_stats, norm_linear, norm_offset
+from .registry import register_rule, rule_for
+from .affine import NormSpec, PostOp, layernorm_stats
+from .blocks import Branch, BlockRule, _gain
+from .spatial import ReadoutMaps, SpatialPlan, Unit, norm_linear, norm_offset
 
 
 def _store_input(store: dict, key: str, convert=lambda t: t):
@@ -39,101 +49,89 @@ def _ln(path: str, mod: nn.Module) -> NormSpec:
     return spec
 
 
+# ------------------------------------------------------------------------------ units from block rules
+def block_units(rule: BlockRule, index: int, level: int) -> list[Unit]:
+    """The per-position :class:`Unit` of every branch of a block (any registered block rule)."""
+    units = []
+    for br in rule.parts():
+        if br.kind == "attn":
+            a = br.attn
+            proj = _linear(f"{br.path}.proj", a.out_proj())
+            units.append(Unit("attn", br.path, "attn", index, level, _attn_hooks(br), br.gain,
+                              a.num_heads, a.head_dim, proj))
+        else:
+            units.append(Unit("branch", br.path, br.kind, index, level, _branch_hooks(br), br.gain))
+    return units
+
+
+def _attn_hooks(br: Branch):
+    def hooks(store, key, ctx=None):
+        meta: dict = {}
+
+        def sink(t):
+            store[key] = t if br.to_positions is None else br.to_positions(t, meta.get("shape"))
+        hs = []
+        if br.shape_from is not None:
+            hs.append(br.shape_from.register_forward_pre_hook(lambda _, a: meta.__setitem__("shape", tuple(a[0].shape))))
+        return hs + br.attn.position_hooks(ctx, sink)
+    return hooks
+
+
+def _branch_hooks(br: Branch):
+    def hooks(store, key, ctx=None):
+        meta: dict = {}
+
+        def on_out(_, __, out):
+            store[key] = out if br.to_positions is None else br.to_positions(out, meta.get("shape"))
+        hs = []
+        if br.shape_from is not None:
+            hs.append(br.shape_from.register_forward_pre_hook(lambda _, a: meta.__setitem__("shape", tuple(a[0].shape))))
+        return hs + [br.module.register_forward_hook(on_out)]
+    return hooks
+
+
 # ------------------------------------------------------------------------------ timm ViT blocks
 def _vit_units(m: nn.Module) -> tuple[list, list[Unit]]:
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block
-
     blocks, units = [], []
     for i, blk in enumerate(m.blocks):
         path = f"blocks.{i}"
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise UnsupportedModuleError(f"{path}: only timm Block with timm Attention is decomposed with an "
-                                         f"attention-pool or per-token-norm readout (got {type(blk).__qualname__})")
-        a = blk.attn
-        if not isinstance(a.norm, nn.Identity):
-            raise UnsupportedModuleError(f"{path}.attn.norm: attention sub-norm with this readout is not supported yet")
+        rule = rule_for("block", path, blk)(path, blk)
         blocks.append((i, path, blk))
-        proj = _linear(f"{path}.attn.proj", a.proj)
-
-        def attn_hooks(store, key, a=a):
-            return [a.proj.register_forward_pre_hook(_store_input(store, key))]
-
-        def mlp_hooks(store, key, blk=blk):
-            return [blk.mlp.register_forward_hook(_store_output(store, key))]
-
-        units.append(Unit("attn", f"{path}.attn", "attn", i, 0, attn_hooks,
-                          _gain(path, ("ls1", blk.ls1), ("drop_path1", blk.drop_path1)),
-                          a.num_heads, a.head_dim, proj))
-        units.append(Unit("branch", f"{path}.mlp", "mlp", i, 0, mlp_hooks,
-                          _gain(path, ("ls2", blk.ls2), ("drop_path2", blk.drop_path2))))
+        units += block_units(rule, i, 0)
     return blocks, units
 
 
-def vit_spatial_plan(m: nn.Module, check, grid) -> SpatialPlan:
-    """timm ViT whose readout is an attention pool (SigLIP MAP head) or a per-token final norm
-    followed by mean pooling (SigLIP ``gap`` variants).
+# ------------------------------------------------------------------------------ attention pool
+class LatentPoolRule:
+    """``pool`` rule for timm ``AttentionPoolLatent`` (SigLIP's MAP head) with one latent query.
 
-    Attention pool (``latent_len == 1``): with the pool's attention probabilities ``α_h[n]`` (the
-    latent query over every token) and the final norm's per-token ``σ_n`` frozen, the pool's
-    attention output is ``Σ_h W_O,h (W_v,h (γ ⊙ C(Σ_n α_h[n] x[n]/σ_n) + β) + b_v,h) + b_O``: linear in
-    the last stream with one group per pool head. The pool's MLP (its residual branch) is the
-    component ``attn_pool.mlp``; ``fc_norm`` follows as a frozen norm of the pooled vector.
+    ``components``: (kind, name) of the components living after the last stream (the pool's MLP);
+    ``hooks(store)``: capture the pool's input, output and MLP output; ``maps(...)``: the frozen
+    per-position readout (one weight group per pool head), see :func:`vit_spatial_plan`.
     """
-    blocks, units = _vit_units(m)
-    npt = m.num_prefix_tokens
-    final = _ln("norm", m.norm)
-    pool = m.attn_pool
-    extra = []
-    if pool is not None:
-        from timm.layers.attention_pool import AttentionPoolLatent
 
-        if type(pool) is not AttentionPoolLatent:
-            raise UnsupportedModuleError(f"attn_pool: {type(pool).__qualname__} is not timm's AttentionPoolLatent")
+    def __init__(self, path: str, pool: nn.Module):
         if pool.latent_len != 1 or pool.pos_embed is not None:
-            raise UnsupportedModuleError("attn_pool: only a single latent query without pool position embedding "
+            raise UnsupportedModuleError(f"{path}: only a single latent query without pool position embedding "
                                          "is decomposed")
         if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
-            raise UnsupportedModuleError("attn_pool: q/k norms in the attention pool are not supported yet")
-        if pool.mlp is not None:
-            extra = [("mlp", "attn_pool.mlp")]
-        start = 0
-    else:
-        if m.global_pool != "avg":
-            raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r} is not decomposed")
-        start = 0 if m.pool_include_prefix else npt
-    if final.kind == "identity":
-        raise UnsupportedModuleError("norm: a per-position readout needs the final norm (this model has none)")
-    post = [_post_norm("fc_norm", m.fc_norm)]
-    rule_for("scale", "head_drop", m.head_drop)
+            raise UnsupportedModuleError(f"{path}: q/k norms in the attention pool are not supported yet")
+        self.path, self.module = path, pool
+        self.components = [("mlp", f"{path}.mlp")] if pool.mlp is not None else []
 
-    def hooks(store):
-        hs = [m.norm.register_forward_pre_hook(_store_input(store, "final_in"))]
-        if pool is not None:
-            hs.append(pool.register_forward_pre_hook(_store_input(store, "pool_in")))
-            hs.append(pool.register_forward_hook(_store_output(store, "pool_out")))
-            if pool.mlp is not None:
-                hs.append(pool.mlp.register_forward_hook(_store_output(store, "pool_mlp")))
-        else:
-            hs.append(m.fc_norm.register_forward_pre_hook(_store_input(store, "pool_out")))
+    def hooks(self, store: dict) -> list:
+        pool = self.module
+        hs = [pool.register_forward_pre_hook(_store_input(store, "pool_in")),
+              pool.register_forward_hook(_store_output(store, "pool_out"))]
+        if pool.mlp is not None:
+            hs.append(pool.mlp.register_forward_hook(_store_output(store, "pool_mlp")))
         return hs
 
-    def finalize(store, convention, first_level) -> ReadoutMaps:
-        x = store["final_in"]
-        dt = x.dtype if x.dtype == torch.float64 else torch.float32
-        x = x.to(dt)
-        mu, sigma = ln_stats(x, final)                                           # [B, N, 1]
+    def maps(self, store: dict, x: Tensor, mu: Tensor, sigma: Tensor, final: NormSpec, convention: str,
+             post: list) -> ReadoutMaps:
+        """``x [B, N, D]`` the last stream, ``mu``/``sigma`` its final norm's per-token statistics."""
+        pool, dt = self.module, x.dtype
         B, Ntok, D = x.shape
-        if pool is None:
-            n = Ntok - start
-            w = torch.zeros(B, 1, Ntok, dtype=dt, device=x.device)
-            w[:, 0, start:] = 1.0 / (n * sigma[:, start:, 0])
-            offset = norm_offset(final, (mu / sigma)[:, start:], convention).mean(1)
-
-            def lin(level, P):
-                return norm_linear(final, P[:, :, 0], convention)
-            return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), post=post)
-
         H, dh = pool.num_heads, pool.head_dim
         y = store["pool_in"].to(dt)                                              # = norm(x), [B, N, D]
         q = torch.nn.functional.linear(pool.latent.to(dt), pool.q.weight.to(dt), _b(pool.q, dt)).reshape(1, H, dh)                                                  # latent_len == 1
@@ -154,10 +152,66 @@ def vit_spatial_plan(m: nn.Module, check, grid) -> SpatialPlan:
         o_pool = torch.einsum("bhn,bne->bhe", alpha, o_n)                        # Σ α = 1 per head
         v_off = torch.einsum("bhe,hde->bhd", o_pool, w_v) + b_v
         offset = torch.einsum("bhd,ehd->be", v_off, w_o) + (_b(pool.proj, dt) if pool.proj.bias is not None else 0.0)
-        ex = {"attn_pool.mlp": store["pool_mlp"][:, 0].to(dt)} if pool.mlp is not None else {}
+        ex = {f"{self.path}.mlp": store["pool_mlp"][:, 0].to(dt)} if pool.mlp is not None else {}
         v_real = (y @ w_kv[D:].T + b_kv[D:]).view(B, Ntok, H, dh)              # the pool's real values
         heads = torch.einsum("ehd,bhd->bhe", w_o, torch.einsum("bhn,bnhd->bhd", alpha, v_real))
         return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), extra=ex, post=post, pool_heads=heads)
+
+
+def vit_spatial_plan(m: nn.Module, check, grid) -> SpatialPlan:
+    """timm ViT whose readout is an attention pool (SigLIP MAP head) or a per-token final norm
+    followed by mean pooling (SigLIP ``gap`` variants).
+
+    Attention pool (``latent_len == 1``): with the pool's attention probabilities ``α_h[n]`` (the
+    latent query over every token) and the final norm's per-token ``σ_n`` frozen, the pool's
+    attention output is ``Σ_h W_O,h (W_v,h (γ ⊙ C(Σ_n α_h[n] x[n]/σ_n) + β) + b_v,h) + b_O``: linear in
+    the last stream with one group per pool head. The pool's MLP (its residual branch) is the
+    component ``attn_pool.mlp``; ``fc_norm`` follows as a frozen norm of the pooled vector.
+    """
+    blocks, units = _vit_units(m)
+    npt = m.num_prefix_tokens
+    final = _ln("norm", m.norm)
+    pool = m.attn_pool
+    extra = []
+    prule = None
+    if pool is not None:
+        prule = rule_for("pool", "attn_pool", pool, "is not timm's AttentionPoolLatent")("attn_pool", pool)
+        extra = list(prule.components)
+        start = 0
+    else:
+        if m.global_pool != "avg":
+            raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r} is not decomposed")
+        start = 0 if m.pool_include_prefix else npt
+    if final.kind == "identity":
+        raise UnsupportedModuleError("norm: a per-position readout needs the final norm (this model has none)")
+    post = [_post_norm("fc_norm", m.fc_norm)]
+    rule_for("scale", "head_drop", m.head_drop)
+
+    def hooks(store):
+        hs = [m.norm.register_forward_pre_hook(_store_input(store, "final_in"))]
+        if prule is not None:
+            hs += prule.hooks(store)
+        else:
+            hs.append(m.fc_norm.register_forward_pre_hook(_store_input(store, "pool_out")))
+        return hs
+
+    def finalize(store, convention, first_level) -> ReadoutMaps:
+        x = store["final_in"]
+        dt = x.dtype if x.dtype == torch.float64 else torch.float32
+        x = x.to(dt)
+        mu, sigma = layernorm_stats(x, final)                                           # [B, N, 1]
+        B, Ntok, D = x.shape
+        if pool is None:
+            n = Ntok - start
+            w = torch.zeros(B, 1, Ntok, dtype=dt, device=x.device)
+            w[:, 0, start:] = 1.0 / (n * sigma[:, start:, 0])
+            offset = norm_offset(final, (mu / sigma)[:, start:], convention).mean(1)
+
+            def lin(level, P):
+                return norm_linear(final, P[:, :, 0], convention)
+            return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), post=post)
+
+        return prule.maps(store, x, mu, sigma, final, convention, post)
 
     def embed_hook(module, store):
         return [module.register_forward_pre_hook(_store_input(store, "embed"))]
@@ -206,22 +260,6 @@ def _merge_weights(w_next: Tensor, inv: Tensor, hw: tuple[int, int], hw_next: tu
     return out.view(B, 4 * G, h * w)
 
 
-def _window_unit_hooks(blk: nn.Module, proj: nn.Module, reverse, meta: dict):
-    """Hooks storing a windowed attention's out-projection input in image coordinates.
-
-    ``reverse(t [B·nW, ..., C], x_shape)`` → ``[B, H, W, C]`` undoes the partition (and shift);
-    ``x_shape`` is the block input's shape captured by a pre-hook on ``blk``.
-    """
-    def hooks(store, key):
-        def on_block(_, args):
-            meta["shape"] = tuple(args[0].shape)
-
-        def on_proj(_, args):
-            store[key] = _nhwc_seq(reverse(args[0], meta["shape"]))
-        return [blk.register_forward_pre_hook(on_block), proj.register_forward_pre_hook(on_proj)]
-    return hooks
-
-
 # ------------------------------------------------------------------------------------------ Swin
 def swin_plan(m: nn.Module) -> SpatialPlan:
     """timm ``SwinTransformer``: shifted-window attention with relative position bias, patch merging.
@@ -233,8 +271,6 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
     attention's out-projection input and put back in image coordinates with timm's own
     ``window_reverse`` and the inverse cyclic shift.
     """
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, window_reverse
-
     head = m.head
     gp = getattr(head, "global_pool", None)
     if getattr(gp, "pool_type", None) != "avg" or not isinstance(getattr(head, "flatten", nn.Identity()), nn.Identity):
@@ -244,47 +280,29 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
     final = _ln("norm", m.norm)
     blocks, units, stage_of = [], [], []
     merges: dict[int, tuple[str, nn.Module]] = {}
+    specs: dict[int, NormSpec] = {}
     for s, stage in enumerate(m.layers):
         ds = stage.downsample
         if s > 0 and not isinstance(ds, nn.Identity):
-            if type(ds) is not PatchMerging:
-                raise UnsupportedModuleError(f"layers.{s}.downsample: {type(ds).__qualname__} is not timm's PatchMerging")
-            merges[s] = (f"layers.{s}.downsample", ds)
+            mr = rule_for("merge", f"layers.{s}.downsample", ds, "is not timm's PatchMerging")(f"layers.{s}.downsample", ds)
+            merges[s] = (mr.path, mr)
+            specs[s] = mr.spec
         elif s == 0 and not isinstance(ds, nn.Identity):
             raise UnsupportedModuleError("layers.0.downsample: a downsample before the first stage is not supported")
         for j, blk in enumerate(stage.blocks):
             path = f"layers.{s}.blocks.{j}"
-            if type(blk) is not SwinTransformerBlock:
-                raise UnsupportedModuleError(f"{path}: {type(blk).__qualname__} is not timm's SwinTransformerBlock")
+            rule = rule_for("block", path, blk, "is not timm's SwinTransformerBlock")(path, blk)
             i = len(blocks)
             blocks.append((i, path, blk))
             stage_of.append(s)
-            a = blk.attn
-            meta: dict = {}
-
-            def reverse(t, shape, blk=blk):
-                B, H, W, _ = shape
-                ws, sh = blk.window_size, blk.shift_size
-                Hp, Wp = -(-H // ws[0]) * ws[0], -(-W // ws[1]) * ws[1]
-                x = window_reverse(t.reshape(-1, ws[0], ws[1], t.shape[-1]), ws, Hp, Wp)[:, :H, :W]
-                return torch.roll(x, shifts=sh, dims=(1, 2)) if any(sh) else x
-
-            units.append(Unit("attn", f"{path}.attn", "attn", i, s, _window_unit_hooks(blk, a.proj, reverse, meta),
-                              _gain(path, ("drop_path1", blk.drop_path1)), a.num_heads,
-                              a.proj.in_features // a.num_heads, _linear(f"{path}.attn.proj", a.proj)))
-
-            def mlp_hooks(store, key, blk=blk):
-                return [blk.mlp.register_forward_hook(_store_output(store, key))]
-            units.append(Unit("branch", f"{path}.mlp", "mlp", i, s, mlp_hooks,
-                              _gain(path, ("drop_path2", blk.drop_path2))))
+            units += block_units(rule, i, s)
     L = len(m.layers) - 1
-    specs = {s: _ln(f"{p}.norm", ds.norm) for s, (p, ds) in merges.items()}
 
     def hooks(store):
         hs = [m.norm.register_forward_pre_hook(_store_input(store, "final_in"))]
         for s, (_, ds) in merges.items():
             hs.append(ds.norm.register_forward_pre_hook(_store_input(store, f"merge_in.{s}")))
-            hs.append(ds.register_forward_pre_hook(_store_input(store, f"merge_src.{s}", lambda t: tuple(t.shape[1:3]))))
+            hs.append(ds.module.register_forward_pre_hook(_store_input(store, f"merge_src.{s}", lambda t: tuple(t.shape[1:3]))))
         return hs
 
     def finalize(store, convention, first) -> ReadoutMaps:
@@ -293,14 +311,14 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
         xf = _nhwc_seq(xf.to(dt))
         B, n, _ = xf.shape
         grid = {L: tuple(store["final_in"].shape[1:3])}
-        mu, sig = ln_stats(xf, final)
+        mu, sig = layernorm_stats(xf, final)
         weights = {L: (1.0 / (n * sig[..., 0]))[:, None]}                          # [B, 1, N]
         offset = norm_offset(final, mu / sig, convention).mean(1)
         stats = {}
         for lvl in range(L, first, -1):
             if lvl in merges:
                 xm = store[f"merge_in.{lvl}"].to(dt)                              # [B, h', w', 4C]
-                mu_m, sig_m = ln_stats(_nhwc_seq(xm), specs[lvl])
+                mu_m, sig_m = layernorm_stats(_nhwc_seq(xm), specs[lvl])
                 stats[lvl] = (mu_m, sig_m)
                 grid[lvl - 1] = store[f"merge_src.{lvl}"]
                 weights[lvl - 1] = _merge_weights(weights[lvl], 1.0 / sig_m[..., 0], grid[lvl - 1], grid[lvl])
@@ -392,8 +410,6 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
     per-position σ, like Swin's final norm).
     """
     from timm.layers import LayerNorm2d
-    from timm.models.maxxvit import (AttentionCl, Downsample2d, MaxxVitBlock, MbConvBlock, PartitionAttentionCl,
-                                     grid_reverse, window_reverse)
 
     head = m.head
     if getattr(getattr(head, "global_pool", None), "pool_type", None) != "avg":
@@ -415,53 +431,20 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         raise UnsupportedModuleError(f"head.pre_logits: {type(pre).__qualname__} is not supported")
 
     blocks, units, level_in = [], [], []
-    shortcuts: dict[int, tuple[str, nn.Module]] = {}       # level reached → shortcut module
+    shortcuts: dict[int, tuple[str, "ShortcutMergeRule"]] = {}       # level reached → shortcut merge rule
     level = 0
     for s, stage in enumerate(m.stages):
         for j, blk in enumerate(stage.blocks):
             path = f"stages.{s}.blocks.{j}"
-            if type(blk) is not MaxxVitBlock:
-                raise UnsupportedModuleError(f"{path}: {type(blk).__qualname__} is not timm's MaxxVitBlock "
-                                             "(CoAtNet / parallel blocks are not decomposed)")
-            conv = blk.conv
-            if type(conv) is not MbConvBlock:
-                raise UnsupportedModuleError(f"{path}.conv: {type(conv).__qualname__} is not an MbConvBlock")
+            rule = rule_for("block", path, blk, "is not timm's MaxxVitBlock (CoAtNet / parallel blocks are not "
+                            "decomposed)")(path, blk)
             i = len(blocks)
             blocks.append((i, path, blk))
             level_in.append(level)
-            if isinstance(conv.shortcut, Downsample2d):
-                _avg_pool_only(f"{path}.conv.shortcut.pool", conv.shortcut.pool)
+            if rule.downsample is not None:
                 level += 1
-                shortcuts[level] = (f"{path}.conv.shortcut", conv.shortcut)
-            elif not isinstance(conv.shortcut, nn.Identity):
-                raise UnsupportedModuleError(f"{path}.conv.shortcut: {type(conv.shortcut).__qualname__} is not supported")
-
-            def conv_hooks(store, key, conv=conv):
-                return [conv.conv3_1x1.register_forward_hook(_store_output(store, key, _nchw_seq))]
-            units.append(Unit("branch", f"{path}.conv", "conv", i, level, conv_hooks,
-                              _gain(f"{path}.conv", ("drop_path", conv.drop_path))))
-            for part, reverse_fn in (("attn_block", window_reverse), ("attn_grid", grid_reverse)):
-                pa = getattr(blk, part)
-                if pa is None:
-                    continue
-                ppath = f"{path}.{part}"
-                if type(pa) is not PartitionAttentionCl or type(pa.attn) is not AttentionCl:
-                    raise UnsupportedModuleError(f"{ppath}: {type(pa).__qualname__} is not a channels-last "
-                                                 "PartitionAttentionCl with AttentionCl")
-
-                def reverse(t, shape, pa=pa, fn=reverse_fn):
-                    return fn(t, pa.partition_size, shape[1:3])
-
-                a = pa.attn
-                units.append(Unit("attn", f"{ppath}.attn", "attn", i, level,
-                                  _window_unit_hooks(pa, a.proj, reverse, {}),
-                                  _gain(ppath, ("ls1", pa.ls1), ("drop_path1", pa.drop_path1)),
-                                  a.num_heads, a.dim_head, _linear(f"{ppath}.attn.proj", a.proj)))
-
-                def mlp_hooks(store, key, pa=pa):
-                    return [pa.mlp.register_forward_hook(_store_output(store, key, _nhwc_seq))]
-                units.append(Unit("branch", f"{ppath}.mlp", "mlp", i, level, mlp_hooks,
-                                  _gain(ppath, ("ls2", pa.ls2), ("drop_path2", pa.drop_path2))))
+                shortcuts[level] = (rule.downsample.path, rule.downsample)
+            units += block_units(rule, i, level)
     L = level
 
     def readout(x: Tensor) -> Tensor:
@@ -479,7 +462,7 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         hs = [head.global_pool.register_forward_hook(_store_output(store, "head_in", lambda t: t.flatten(1))),
               m.stages[-1].register_forward_hook(_store_output(store, "level_hw.last", lambda t: tuple(t.shape[2:])))]
         for lvl, (_, sc) in shortcuts.items():
-            hs.append(sc.register_forward_pre_hook(_store_input(store, f"level_hw.{lvl - 1}", lambda t: tuple(t.shape[2:]))))
+            hs.append(sc.module.register_forward_pre_hook(_store_input(store, f"level_hw.{lvl - 1}", lambda t: tuple(t.shape[2:]))))
         if final is not None:
             hs.append(m.norm.register_forward_pre_hook(_store_input(store, "final_in", _nchw_seq)))
         return hs
@@ -500,7 +483,7 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         offset = torch.zeros(B, total.shape[1], dtype=dt, device=dev)
         if final is not None:                         # per-position final norm: weights scale by 1/σ_n
             xf = store["final_in"].to(dt)
-            mu, sig = ln_stats(xf, final)
+            mu, sig = layernorm_stats(xf, final)
             offset = offset + norm_offset(final, mu / sig, convention).mean(1)
             inv = 1.0 / sig[..., 0]                   # [B, N_L]
             # static weights stay per level; the final σ enters through the last level's weights
@@ -549,16 +532,118 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         embed_hook=embed_hook, level_of_input=lambda b: level_in[b], hooks=hooks, finalize=finalize, grids=grids)
 
 
-def _register() -> None:
-    from timm.models.swin_transformer import SwinTransformer
+# ------------------------------------------------------------------------------ block, branch, merge rules
+@dataclass
+class PatchMergeRule:
+    """``merge`` rule of Swin's ``PatchMerging``: ``reduction(norm(concat of 2×2 neighbours))``."""
 
-    from .registry import register_rule
+    path: str
+    module: nn.Module
+    norm: nn.Module
+    spec: NormSpec
+    reduction: nn.Linear
+
+
+@dataclass
+class ShortcutMergeRule:
+    """``merge`` rule of MaxViT's stride-2 shortcut ``Downsample2d``: average ``pool`` then 1×1 ``expand``."""
+
+    path: str
+    module: nn.Module
+    pool: nn.Module
+    expand: nn.Module
+
+
+def swin_block(path: str, blk: nn.Module) -> BlockRule:
+    """timm ``SwinTransformerBlock``: ``x + dp1(attn(windows(shift(n1(x)))))`` then ``x + dp2(mlp(n2(x)))``.
+
+    The attention (any registered attention rule) sees windows of the cyclically shifted stream; its
+    out-projection input is put back with timm's own ``window_reverse`` and the inverse shift."""
+    from timm.models.swin_transformer import window_reverse
+
+    attn_path = f"{path}.attn"
+    a = rule_for("attention", attn_path, blk.attn)(attn_path, blk.attn)
+
+    def reverse(t, shape):
+        B, H, W, _ = shape
+        ws, sh = blk.window_size, blk.shift_size
+        Hp, Wp = -(-H // ws[0]) * ws[0], -(-W // ws[1]) * ws[1]
+        x = window_reverse(t.reshape(-1, ws[0], ws[1], t.shape[-1]), ws, Hp, Wp)[:, :H, :W]
+        return _nhwc_seq(torch.roll(x, shifts=sh, dims=(1, 2)) if any(sh) else x)
+
+    g1, g2 = _gain(path, ("drop_path1", blk.drop_path1)), _gain(path, ("drop_path2", blk.drop_path2))
+    branches = [Branch("attn", attn_path, blk.attn, g1, attn=a, to_positions=reverse, shape_from=blk),
+                Branch("mlp", f"{path}.mlp", blk.mlp, g2)]
+    return BlockRule(path, attn_path, a, f"{path}.mlp", blk.mlp, g1, g2, branches=branches)
+
+
+def partition_block(path: str, pa: nn.Module) -> BlockRule:
+    """MaxViT ``PartitionAttentionCl`` (channels-last window or grid attention + MLP, LayerScale)."""
+    from timm.models.maxxvit import grid_reverse, window_reverse
+
+    attn_path = f"{path}.attn"
+    a = rule_for("attention", attn_path, pa.attn)(attn_path, pa.attn)
+    fn = window_reverse if pa.partition_block else grid_reverse
+
+    def reverse(t, shape):
+        return _nhwc_seq(fn(t, pa.partition_size, shape[1:3]))
+
+    g1 = _gain(path, ("ls1", pa.ls1), ("drop_path1", pa.drop_path1))
+    g2 = _gain(path, ("ls2", pa.ls2), ("drop_path2", pa.drop_path2))
+    branches = [Branch("attn", attn_path, pa.attn, g1, attn=a, to_positions=reverse, shape_from=pa),
+                Branch("mlp", f"{path}.mlp", pa.mlp, g2, to_positions=lambda t, _: _nhwc_seq(t))]
+    return BlockRule(path, attn_path, a, f"{path}.mlp", pa.mlp, g1, g2, branches=branches)
+
+
+def maxxvit_block(path: str, blk: nn.Module) -> BlockRule:
+    """timm ``MaxxVitBlock``: an MBConv branch (``branch`` rule) then window and grid attention blocks
+    (``block`` rules), channels-last."""
+    if blk.nchw_attn:
+        raise UnsupportedModuleError(f"{path}: MaxxVitBlock with NCHW attention is not decomposed (channels-last only)")
+    conv = rule_for("branch", f"{path}.conv", blk.conv, "is not an MbConvBlock")(f"{path}.conv", blk.conv)
+    parts, first = [conv], None
+    for part in ("attn_block", "attn_grid"):
+        pa = getattr(blk, part)
+        if pa is None:
+            continue
+        ppath = f"{path}.{part}"
+        r = rule_for("block", ppath, pa, "is not a channels-last PartitionAttentionCl")(ppath, pa)
+        first = first or r
+        parts += r.parts()
+    return BlockRule(path, first.attn_path, first.attn, first.mlp_path, first.mlp, first.gain1, first.gain2,
+                     branches=parts, downsample=conv.merge)
+
+
+def mbconv_branch(path: str, conv: nn.Module) -> Branch:
+    """timm ``MbConvBlock`` as one ``conv`` branch (BatchNorm, depthwise conv and SE frozen inside): its
+    output is ``conv3_1x1``'s; a ``Downsample2d`` shortcut is its ``merge``."""
+    sc = conv.shortcut
+    merge = None if isinstance(sc, nn.Identity) else rule_for("merge", f"{path}.shortcut", sc)(f"{path}.shortcut", sc)
+    return Branch("conv", path, conv.conv3_1x1, _gain(path, ("drop_path", conv.drop_path)),
+                  to_positions=lambda t, _: _nchw_seq(t), merge=merge)
+
+
+def _register() -> None:
+    from timm.layers.attention_pool import AttentionPoolLatent
+    from timm.models.maxxvit import Downsample2d, MaxxVit, MaxxVitBlock, MbConvBlock, PartitionAttentionCl
+    from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 
     register_rule("model", SwinTransformer)(swin_plan)
-
-    from timm.models.maxxvit import MaxxVit
-
     register_rule("model", MaxxVit)(maxvit_plan)
+    register_rule("block", SwinTransformerBlock)(swin_block)
+    register_rule("block", PartitionAttentionCl)(partition_block)
+    register_rule("block", MaxxVitBlock)(maxxvit_block)
+    register_rule("branch", MbConvBlock)(mbconv_branch)
+    register_rule("pool", AttentionPoolLatent)(LatentPoolRule)
+
+    @register_rule("merge", PatchMerging)
+    def patch_merging(path: str, ds: nn.Module) -> PatchMergeRule:
+        return PatchMergeRule(path, ds, ds.norm, _ln(f"{path}.norm", ds.norm), _linear(f"{path}.reduction", ds.reduction))
+
+    @register_rule("merge", Downsample2d)
+    def downsample2d(path: str, sc: nn.Module) -> ShortcutMergeRule:
+        _avg_pool_only(f"{path}.pool", sc.pool)
+        return ShortcutMergeRule(path, sc, sc.pool, sc.expand)
 
 
 _register()

@@ -8,8 +8,9 @@ weights; see the README's support table).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -43,8 +44,27 @@ class ModelPlan:
 
 
 def plan_for(model: nn.Module) -> ModelPlan:
-    """Resolve every rule the model needs; raises before any forward pass if one is missing."""
+    """Resolve every rule the model needs; raises before any forward pass if one is missing.
+
+    Returns a :class:`ModelPlan` (static readout weighting: CLS token, mean pooling) or a
+    :class:`~.spatial.SpatialPlan` (per-position readout weights). A model rule that wraps another
+    tower (``plan_for(trunk)``) adds its own affine readout maps with :func:`with_post`.
+    """
     return rule_for("model", "", model)(model)
+
+
+def with_post(plan, ops: list, readout: Optional[Callable[[Tensor], Tensor]] = None, **changes):
+    """A copy of ``plan`` (either kind) with the affine maps ``ops`` (:class:`~.affine.PostOp`)
+    appended after its readout chain, and optionally a new ``readout`` function (the wrapper's own
+    forward, e.g. ``lambda x: wrapper(x)``) and other field changes (``family=...``, ``root=...``).
+
+    For a wrapper model whose readout is ``ops(trunk readout)``: a model rule returns
+    ``with_post(plan_for(trunk), ops, readout=...)``. Works for :class:`ModelPlan` and
+    :class:`~.spatial.SpatialPlan` alike (``plan.post`` is the chain in both).
+    """
+    if readout is not None:
+        changes["readout"] = readout
+    return dataclasses.replace(plan, post=list(plan.post) + list(ops), **changes)
 
 
 def _blocks(prefix: str, seq: nn.Module) -> list:

@@ -15,6 +15,11 @@ with its level's weights, and then carried by ``F_l`` — never materialising pe
 beyond what the model itself computed. Offsets (β, merge and shortcut biases, under ``uniform`` the
 shared means) are collected separately and distributed by the convention's weights.
 
+This is the general case of the engine's one path: a CLS token or mean pooling is one group with
+static weights (the CLS indicator, ``1/N``) and ``F`` the identity, so ``engine.as_positions``
+pools those units inside their hooks instead of keeping per-position outputs. Units are built from
+the registered block rules (:meth:`~.blocks.BlockRule.parts`) by :func:`~.families.block_units`.
+
 Positions are *image coordinates*: row-major over the level's grid (after undoing window and grid
 partitions and the cyclic shift), prefix tokens first for ViTs. Per-position ("token") terms of a
 component are its direct effects at each position of its level: they sum to the component.
@@ -27,8 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...errors import UnsupportedModuleError
-from .affine import NormSpec
+from .affine import NormSpec, center_last
 
 
 @dataclass
@@ -39,7 +43,8 @@ class Unit:
     component kind is ``ckind``: ``mlp`` or ``conv``). ``hooks(store, key)`` registers forward
     hooks that put, under ``store[key]``, the per-position tensor in image coordinates
     ``[B, N_l, C]`` — for ``attn`` the out-projection's *input* (``C = H·dh``), otherwise the branch
-    output (``C = D_l``). ``gain [D_l]``: channel gain after the branch (LayerScale) or None.
+    output (``C = D_l``). ``gain [D_l]``: channel gain after the branch (LayerScale) or None. ``hooks`` is called as
+    ``hooks(store, key, ctx)`` with the call's :class:`~.context.RuleContext`.
     """
 
     kind: str
@@ -64,7 +69,10 @@ class ReadoutMaps:
     ``extra``: components living after the last stream (SigLIP's pool MLP): name → ``[B, d]``;
     ``total [B, d]``: the real pre-``post`` readout, for the diagnostics; ``post``: affine chain on
     the pooled readout (norms with frozen statistics, linear maps), as :class:`PostOp`;
-    ``pool_heads [B, Hp, d]``: an attention pool's per-head outputs (a second view of the readout).
+    ``pool_heads [B, Hp, d]``: an attention pool's per-head outputs (a second view of the readout);
+    ``pooled``: the units already pooled their terms with static weights in their hooks (CLS / mean
+    readouts; ``weights`` unused, stored terms are ``[B, G, C]`` and attention units store the
+    rule's :class:`~.attention.AttnResult`).
     """
 
     weights: dict[int, Tensor]
@@ -74,6 +82,7 @@ class ReadoutMaps:
     extra: dict[str, Tensor] = field(default_factory=dict)
     post: list = field(default_factory=list)
     pool_heads: Optional[Tensor] = None
+    pooled: bool = False
 
 
 @dataclass
@@ -86,7 +95,10 @@ class SpatialPlan:
     ``store["embed"]``; ``level_of_input(block)``: level of a block's input stream;
     ``grids``: level → (h, w) after :meth:`prepare`; ``finalize(store, convention, first_level)``
     builds the :class:`ReadoutMaps`; ``extra_components``: names of post-stream components (kind, name);
-    ``hooks(store)``: the plan's own hooks (statistics the readout needs).
+    ``hooks(store)``: the plan's own hooks (statistics the readout needs); ``post``: affine maps
+    applied after the family's own readout chain (``ReadoutMaps.post``), e.g. a projection a wrapper
+    model adds (see :func:`~.models.with_post`); ``static``: the :class:`~.pool.Pooling` when the
+    readout weights are static (a :class:`~.models.ModelPlan` seen through ``engine.as_positions``).
     """
 
     family: str
@@ -103,6 +115,8 @@ class SpatialPlan:
     num_prefix_tokens: int = 0
     extra_components: list = field(default_factory=list)
     layout: str = "BND"
+    post: list = field(default_factory=list)
+    static: object = None
 
 
 # ------------------------------------------------------------------------------------ pure math
@@ -111,25 +125,11 @@ def pool_positions(w: Tensor, u: Tensor) -> Tensor:
     return torch.einsum("bgn,bnc->bgc", w, u)
 
 
-def center(x: Tensor) -> Tensor:
-    return x - x.mean(-1, keepdim=True)
-
-
-def ln_stats(x: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor]:
-    """Per-position mean and σ of ``x [..., C]`` (``[..., 1]``), exactly as the forward pass used them."""
-    if spec.kind == "layernorm":
-        mu = x.mean(-1, keepdim=True)
-        return mu, ((x - mu).pow(2).mean(-1, keepdim=True) + spec.eps).sqrt()
-    if spec.kind == "rmsnorm":
-        return torch.zeros_like(x[..., :1]), (x.pow(2).mean(-1, keepdim=True) + spec.eps).sqrt()
-    raise UnsupportedModuleError(f"no per-position statistics for a norm of kind {spec.kind!r}")
-
-
 def norm_linear(spec: NormSpec, P: Tensor, convention: str) -> Tensor:
     """The linear part of a frozen norm (``1/σ`` already in the weights): ``γ ⊙ C(P)`` or ``γ ⊙ P``."""
     g = spec.weight.to(P.dtype) if spec.weight is not None else 1.0
     if spec.kind == "layernorm" and convention == "centered":
-        P = center(P)
+        P = center_last(P)
     return g * P
 
 
