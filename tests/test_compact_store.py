@@ -11,11 +11,12 @@ import torch
 import vitdecomp as vd
 from conftest import images_for, model
 from vitdecomp.config import DecomposeOptions
+from vitdecomp.models import TEST_MODELS
 from vitdecomp.store import Store, StoreError, open_store
 from vitdecomp.store.compact import LayoutError, build_manifest, derive_layout
 
-FAST = [m for m in vd.supported_models() if "vit_base" not in m]
-SLOW = [pytest.param(m, marks=pytest.mark.slow) for m in vd.supported_models() if "vit_base" in m]
+FAST = [m for m in TEST_MODELS if "vit_base" not in m]       # stand-ins whose default build is small
+SLOW = [pytest.param(m, marks=pytest.mark.slow) for m in TEST_MODELS if "vit_base" in m]
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> np.ndarray:

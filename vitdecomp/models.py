@@ -99,6 +99,8 @@ def _timm_pool(model: nn.Module) -> str:
     if getattr(model, "attn_pool", None) is not None or gp == "map":
         return "attn_pool"                              # SigLIP MAP head: a latent query over all tokens
     if gp == "token":
+        if getattr(model, "dist_token", None) is not None:   # DeiT distilled: both tokens, each normed
+            return "mean(token[0], token[1]) of normed tokens"
         return "token[0]"
     npt = getattr(model, "num_prefix_tokens", None)
     if npt is None:                                     # Swin, MaxViT: mean over the last stage's grid
@@ -112,6 +114,62 @@ def _timm_readout_dim(model: nn.Module) -> int:
     """Size of ``z``: MaxViT's readout is its head's ``pre_logits`` output (``head_hidden_size``)."""
     fc = getattr(getattr(getattr(model, "head", None), "pre_logits", None), "fc", None)
     return int(fc.out_features) if isinstance(fc, nn.Linear) else int(model.num_features)
+
+
+def _open_clip_pool(v: nn.Module) -> str:
+    """How an open_clip vision tower pools (``Readout.pool``): its own ViT pooling, or for a ``TimmModel``
+    tower (SigLIP, EVA-CLIP, PE, ViTamin, ConvNeXt …) the timm trunk's pooling or the adapter head's pool."""
+    trunk = getattr(v, "trunk", None)
+    if trunk is not None:                               # open_clip TimmModel: a timm trunk + an adapter head
+        pool = getattr(getattr(v, "head", None), "pool", None)
+        return type(pool).__name__ if pool is not None else _timm_pool(trunk)
+    if getattr(v, "attn_pool", None) is not None or getattr(v, "attnpool", None) is not None:
+        return "attn_pool"                              # attentional pooler (CoCa), ModifiedResNet's attnpool
+    return "token[0]" if getattr(v, "pool_type", "tok") == "tok" else "mean[1:]"
+
+
+def _open_clip_dim(v: nn.Module) -> int:
+    """Size of open_clip's image embedding, read from the tower's modules (no forward pass): ``output_dim``
+    of open_clip's own towers; for a ``TimmModel`` the last Linear of its head (``timm_proj='linear'``/``'mlp'``),
+    else the trunk's classifier (``timm_proj`` unset), else the trunk's pre-logits width (``'none'``)."""
+    if getattr(v, "output_dim", None) is not None:
+        return int(v.output_dim)
+    trunk = getattr(v, "trunk", None)
+    if trunk is None:
+        raise UnknownModelError(f"cannot tell the image embedding size of the open_clip tower {type(v).__qualname__} "
+                                "(no output_dim, no timm trunk)")
+    linears = [m for m in getattr(v, "head", nn.Sequential()).modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return int(linears[-1].out_features)
+    cls = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
+    if isinstance(cls, nn.Linear):
+        return int(cls.out_features)
+    return int(getattr(trunk, "head_hidden_size", None) or trunk.num_features)
+
+
+class MissingTokenizer:
+    """Stands in for an open_clip tokenizer that cannot be built here (SigLIP's needs ``transformers``,
+    some need a Hugging Face download): the image tower still loads and decomposes; tokenizing raises."""
+
+    def __init__(self, arch: str, reason: str):
+        self.arch, self.reason = arch, reason
+
+    def __call__(self, *args, **kwargs):
+        raise InputError(f"the text tokenizer of open_clip:{self.arch} is not available ({self.reason}); "
+                         "install what it names (e.g. pip install transformers sentencepiece) or put it in the "
+                         "Hugging Face cache (HF_HOME) to encode text with this model")
+
+
+def _tokenizer(arch: str):
+    """open_clip's tokenizer for ``arch``, or a :class:`MissingTokenizer` when it cannot be built offline."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(arch)
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        log.warning("open_clip:%s: text tokenizer unavailable (%s); image decomposition is unaffected", arch, reason)
+        return MissingTokenizer(arch, reason)
 
 
 def parse_name(name: str) -> tuple[str, str]:
@@ -339,9 +397,8 @@ def load_model(
         preprocess = {"input_size": [3, *size], "mean": list(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                       "std": list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
                       "interpolation": pp.get("interpolation", "bicubic"), "resize_mode": pp.get("resize_mode", "shortest")}
-        readout = Readout("image_embedding", "token[0]" if getattr(v, "pool_type", "tok") == "tok" else "mean[1:]",
-                          int(v.output_dim), "clip")
-        tokenizer = open_clip.get_tokenizer(arch)
+        readout = Readout("image_embedding", _open_clip_pool(v), _open_clip_dim(v), "clip")
+        tokenizer = _tokenizer(arch)
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -353,29 +410,59 @@ def load_model(
                        preprocess=preprocess, tokenizer=tokenizer)
 
 
-# Random-initialised stand-ins used by the test-suite (README “Supported models”), one per supported family.
-TEST_MODELS = (
-    "timm:deit_tiny_patch16_224",
-    "timm:vit_small_patch14_dinov2",
-    "timm:vit_small_patch14_reg4_dinov2",
-    "timm:vit_base_patch16_clip_224",
-    "open_clip:ViT-S-16",
-)
-
-# Newer and hierarchical families: random-initialised stand-ins built with reduced sizes (these
-# `model_kwargs` keep the tests fast); `tests/test_families_*.py` cover them.
-FAMILY_TEST_MODELS = {
-    "timm:eva02_tiny_patch14_224": dict(depth=3, img_size=56),
-    "timm:vit_base_patch16_siglip_224": dict(embed_dim=64, depth=3, num_heads=4, img_size=64),
-    "timm:swin_tiny_patch4_window7_224": dict(embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4)),
-    "timm:maxvit_tiny_tf_224": dict(embed_dim=(32, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16,
-                                    head_hidden_size=64, img_size=128, transformer_dim_head=16),
+# Every supported family → (random-initialised stand-in, small-build ``model_kwargs``). The test-suite
+# (tests/test_supported_models.py) checks each entry for exactness and against a hand formula, and
+# the README "Supported models" table lists them. To add a family, append one line:
+#     "family_label": ("timm:<model>", dict(<kwargs that keep the build small>)),
+# (``{}`` = the default build is small enough). Keys are short family labels, unique.
+SUPPORTED_FAMILIES = {
+    "vit": ("timm:deit_tiny_patch16_224", {}),
+    "dinov2": ("timm:vit_small_patch14_dinov2", dict(depth=4, img_size=112)),
+    "dinov2_reg": ("timm:vit_small_patch14_reg4_dinov2", dict(depth=4, img_size=112)),
+    "vit_clip": ("timm:vit_base_patch16_clip_224", dict(embed_dim=64, depth=3, num_heads=4, img_size=64)),
+    "open_clip_vit": ("open_clip:ViT-S-16", {}),
+    "eva02": ("timm:eva02_tiny_patch14_224", dict(depth=3, img_size=56)),
+    "siglip": ("timm:vit_base_patch16_siglip_224", dict(embed_dim=64, depth=3, num_heads=4, img_size=64)),
+    "siglip_gap": ("timm:vit_base_patch16_siglip_gap_224", dict(embed_dim=64, depth=3, num_heads=4, img_size=64)),
+    "swin": ("timm:swin_tiny_patch4_window7_224", dict(embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4))),
+    "maxvit": ("timm:maxvit_tiny_tf_224", dict(embed_dim=(32, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16,
+                                               head_hidden_size=64, img_size=128, transformer_dim_head=16)),
+    "maxvit_rw": ("timm:maxvit_rmlp_pico_rw_256", dict(img_size=128, depths=(1, 1, 1, 1))),
+    # ViT variants (vitdecomp/engine/rules/vit_variants.py; tests/test_families_vit_variants.py)
+    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "beit": ("timm:beit_base_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "beitv2": ("timm:beitv2_base_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "cait": ("timm:cait_xxs24_224", dict(embed_dim=48, num_heads=3, depth=2, depth_token_only=2, img_size=48)),
+    "vit_relpos": ("timm:vit_relpos_small_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "vit_srelpos_gap": ("timm:vit_srelpos_small_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "vit_relpos_respost": ("timm:vit_relpos_base_patch16_rpn_224", dict(embed_dim=48, num_heads=3, depth=2,
+                                                                        img_size=48, fc_norm=True)),
+    "eva_post_norm": ("timm:eva02_small_patch14_224", dict(depth=2, img_size=42, use_post_norm=True)),
+    "vit_diff_attention": ("timm:vit_dwee_patch16_reg1_gap_256", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "vit_parallel_scaling": ("timm:vit_base_patch16_xp_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "vit_diff_parallel_scaling": ("timm:vit_dpwee_patch16_reg1_gap_256", dict(embed_dim=48, num_heads=3, depth=2,
+                                                                            img_size=48)),
+    "vit_parallel_things": ("timm:vit_small_patch16_18x2_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
 }
 
 
+def supported_families() -> dict[str, tuple[str, dict]]:
+    """Every supported family: ``{label: (stand-in model name, small-build model_kwargs)}`` (a copy);
+    ``load_model(name, **kwargs)`` builds the stand-in."""
+    return {k: (name, dict(kw)) for k, (name, kw) in SUPPORTED_FAMILIES.items()}
+
+
 def supported_models() -> tuple[str, ...]:
-    """Small random-init stand-ins of every supported family (for tests and benchmarks)."""
-    return TEST_MODELS
+    """The stand-in model names of every supported family (see :func:`supported_families` for the
+    ``model_kwargs`` that build them small)."""
+    return tuple(name for name, _ in SUPPORTED_FAMILIES.values())
+
+
+# Older views, kept for their callers: the first stand-ins, built with their default sizes
+# (tests/test_compact_store.py), and the stand-ins built with reduced sizes (name → model_kwargs).
+TEST_MODELS = ("timm:deit_tiny_patch16_224", "timm:vit_small_patch14_dinov2", "timm:vit_small_patch14_reg4_dinov2",
+               "timm:vit_base_patch16_clip_224", "open_clip:ViT-S-16")
+FAMILY_TEST_MODELS = {name: kw for name, kw in SUPPORTED_FAMILIES.values() if kw}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ EXAMPLES: dict[tuple[str, ...], str] = {
     ("benchmark", "explorer"): "vitdecomp benchmark explorer --rows 1000000 --workdir /tmp/vd-explorer",
     ("benchmark", "scale"): "vitdecomp benchmark scale --rows 10000,100000,1000000 --workdir /tmp/vd-scale",
     ("benchmark", "layout"): "vitdecomp benchmark layout --images 32",
+    ("benchmark", "zoo"): "vitdecomp benchmark zoo --out docs/zoo.json\n"
+                          "vitdecomp benchmark zoo --write-readme docs/zoo.json",
     ("reproduce", "waterbirds"): "vitdecomp reproduce waterbirds --root data/waterbird_complete95_forest2water2 "
                                  "--models deit_b,clip_b16 --pretrained --out repro/waterbirds",
     ("reproduce", "imagenet-ablation"): "vitdecomp reproduce imagenet-ablation --root data/imagenet --model clip_b16 "

@@ -1,0 +1,406 @@
+"""The zoo sweep: every transformer-family timm architecture and every open_clip architecture, built
+small with random weights, either decomposes exactly or is refused with :class:`UnsupportedModuleError`.
+
+For each architecture (one entry per name, without pretrained tags) :func:`check_model` builds a
+shrunk random-initialised model (:func:`shrink_candidates`: fewer blocks, narrower widths where the
+constructor accepts them, else the default build), runs :func:`vitdecomp.decompose` on seeded random
+images at the model's own input size and classifies the result (:data:`STATUSES`):
+
+* ``exact`` — the readout is the model's own (timm ``forward_head(forward_features(x), pre_logits=True)``,
+  open_clip ``encode_image``) and the contributions sum to it (relative error ≤ :data:`TOL`, fp32);
+* ``refused`` — :class:`~vitdecomp.errors.UnsupportedModuleError` (its message is kept);
+* ``foreign`` — any other exception from vitdecomp (a bug);
+* ``wrong`` — a readout that is not the model's own, or a reconstruction error above :data:`TOL` (a bug);
+* ``too_large`` — more parameters than the budget even when shrunk;
+* ``build_failed`` — the upstream constructor or the model's own forward fails (not ours);
+* ``timeout`` — the model did not finish within the per-model time limit (its worker is killed).
+
+:func:`sweep` runs models in worker processes (one hang cannot stop the sweep); :func:`summarize`
+counts per family; :func:`readme_table` renders the README "Supported models (zoo sweep)" table.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import multiprocessing as mp
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait
+from typing import Callable, Iterable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+# timm modules (``timm.list_modules()``) whose models are "transformer families": vision transformers
+# and hybrids whose blocks contain attention. Every model of these modules is swept.
+TIMM_TRANSFORMER_MODULES = (
+    "vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "vision_transformer_sam",
+    "deit", "beit", "cait", "eva", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
+    "maxxvit", "xcit", "pit", "twins", "hiera", "hieradet_sam2", "naflexvit", "tiny_vit", "levit",
+    "efficientformer", "efficientformer_v2", "fastvit", "coat", "convit", "crossvit", "tnt", "volo", "gcvit",
+    "davit", "nextvit", "mvitv2", "nest", "pvt_v2", "vitamin",
+)
+STATUSES = ("exact", "refused", "foreign", "wrong", "too_large", "build_failed", "timeout")
+BUGS = ("foreign", "wrong")          # never allowed
+TOL = 1e-5                           # fp32 relative reconstruction error (README "Supported models")
+MAX_PARAMS = 60_000_000              # parameter budget of a shrunk build
+OPEN_CLIP_FAMILY = "open_clip"
+
+
+@dataclass
+class ZooResult:
+    """One architecture's outcome. ``name``: ``timm:<model>`` or ``open_clip:<arch>``; ``family``: its
+    timm module (or ``open_clip``); ``kwargs``: the shrink overrides it was built with."""
+
+    name: str
+    family: str
+    status: str
+    message: str = ""
+    kwargs: dict = field(default_factory=dict)
+    params: int = 0
+    residual: Optional[float] = None
+    readout_error: Optional[float] = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def timm_architectures(modules: Sequence[str] = TIMM_TRANSFORMER_MODULES, filter: str = "") -> dict[str, str]:
+    """``{"timm:<model>": module}`` for every timm model of ``modules`` (optionally an fnmatch ``filter``)."""
+    import timm
+
+    out = {}
+    for mod in modules:
+        for name in timm.list_models(module=mod):
+            if not filter or fnmatch.fnmatch(name, filter):
+                out[f"timm:{name}"] = mod
+    return dict(sorted(out.items()))
+
+
+def open_clip_architectures(filter: str = "") -> dict[str, str]:
+    """``{"open_clip:<arch>": "open_clip"}`` for every ``open_clip.list_models()`` architecture."""
+    import open_clip
+
+    return {f"open_clip:{a}": OPEN_CLIP_FAMILY for a in open_clip.list_models()
+            if not filter or fnmatch.fnmatch(a, filter)}
+
+
+def architectures(timm_filter: str = "", open_clip_filter: str = "", libraries=("timm", "open_clip")) -> dict[str, str]:
+    """Every swept architecture → family (deterministic order)."""
+    out: dict[str, str] = {}
+    if "timm" in libraries:
+        out.update(timm_architectures(filter=timm_filter))
+    if "open_clip" in libraries:
+        out.update(open_clip_architectures(open_clip_filter))
+    return out
+
+
+def _open_clip_shrunk(arch: str) -> list[dict]:
+    """open_clip overrides: the config with 2 vision blocks (where it is a plain int) and a 1-block,
+    64-wide text tower; ``{}`` last."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch) or {}
+    out = []
+    vc, tc = copy.deepcopy(cfg.get("vision_cfg") or {}), copy.deepcopy(cfg.get("text_cfg") or {})
+    kw = {}
+    if isinstance(vc.get("layers"), int) and vc["layers"] > 2:
+        vc["layers"] = 2
+        kw["vision_cfg"] = vc
+    if isinstance(tc.get("layers"), int) and not tc.get("hf_model_name"):   # the text tower is not decomposed
+        tc.update(layers=1, width=64, heads=2)
+        kw["text_cfg"] = tc
+    if kw:
+        out.append(kw)
+    out.append({})
+    return out
+
+
+def shrink_candidates(name: str) -> list[dict]:
+    """``model_kwargs`` to try in order (the first that builds and runs is used): fewer blocks and
+    narrower widths where the constructor takes ``depth``/``depths``/``embed_dim``/``num_heads``,
+    then the default build ``{}``."""
+    if name.startswith("open_clip:"):
+        return _open_clip_shrunk(name.split(":", 1)[1])
+    return [dict(depth=2, embed_dim=128, num_heads=2), dict(depth=2), dict(depths=(1, 1, 1, 1)),
+            dict(depths=(1, 1, 1)), {}]
+
+
+def meta_params(name: str, kw: dict):
+    """Parameter count of ``name`` built with ``kw`` on the meta device (no memory, no init cost); the
+    error message when the constructor rejects ``kw`` (``TypeError``/``ValueError``/``AssertionError``);
+    ``None`` when a meta build is not possible for another reason (a real build decides)."""
+    import torch
+
+    lib, arch = name.split(":", 1)
+    try:
+        with torch.device("meta"):
+            if lib == "timm":
+                import timm
+
+                m = timm.create_model(arch, pretrained=False, **kw)
+            else:
+                import open_clip
+
+                m = open_clip.create_model(arch, pretrained=None, device="meta", **kw)
+        return sum(p.numel() for p in m.parameters())
+    except (TypeError, ValueError, AssertionError) as e:
+        return _message(e, 300)
+    except Exception:  # noqa: BLE001 -- meta tensors unsupported by some init: let the real build decide
+        return None
+
+
+def _timm_upstream(model, x):
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _readout_candidates(model, readout):
+    """The model's own readout from vitdecomp's ``z``: ``z`` itself, or for heads whose ``pre_logits``
+    ends in a non-linearity (MaxViT: tanh) that non-linearity applied to ``z``."""
+    act = getattr(getattr(getattr(model, "head", None), "pre_logits", None), "act", None)
+    return [readout] + ([act(readout)] if act is not None else [])
+
+
+def _message(e: BaseException, limit: int = 600) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:limit]}"
+
+
+def check_model(name: str, family: str = "", *, max_params: int = MAX_PARAMS, seed: int = 0, batch: int = 2,
+                candidates: Optional[list[dict]] = None, loader: Optional[Callable] = None) -> ZooResult:
+    """Build ``name`` shrunk (``candidates``, default :func:`shrink_candidates`), decompose seeded random
+    images at its input size and classify the outcome (see the module docstring). ``loader`` replaces
+    :func:`vitdecomp.load_model` (tests)."""
+    import torch
+
+    from .engine import decompose
+    from .errors import UnsupportedModuleError
+    from .models import load_model
+
+    loader = loader or load_model
+    t0 = time.perf_counter()
+    res = ZooResult(name, family or name.split(":", 1)[0], "build_failed")
+    lm = x = z = None
+    errors: list[str] = []
+    over: list[str] = []
+    for kw in (shrink_candidates(name) if candidates is None else candidates):
+        size = meta_params(name, kw)
+        if isinstance(size, str):          # the constructor refuses these overrides: no real build needed
+            errors.append(f"{kw}: {size}")
+            continue
+        if size is not None and size > max_params:
+            if not over:
+                res.kwargs, res.params = kw, size
+            over.append(f"{kw}: {size:,} parameters > budget {max_params:,}")
+            continue
+        try:
+            lm = loader(name, pretrained=False, seed=seed, **kw)
+            params = sum(p.numel() for p in lm.model.parameters())
+            if params > max_params:
+                if not over:
+                    res.kwargs, res.params = kw, params
+                over.append(f"{kw}: {params:,} parameters > budget {max_params:,}")
+                lm = None
+                continue
+            g = torch.Generator().manual_seed(seed + 1)
+            h, w = lm.image_size
+            x = torch.randn(batch, 3, h, w, generator=g)
+            with torch.inference_mode():
+                z = lm.model.encode_image(x) if lm.library == "open_clip" else _timm_upstream(lm.model, x)
+            res.kwargs, res.params = kw, params
+            break
+        except Exception as e:  # noqa: BLE001 -- any upstream constructor/forward failure: try the next build
+            errors.append(f"{kw}: {_message(e, 300)}")
+            lm = None
+    if lm is None:
+        res.status = "too_large" if over else "build_failed"
+        res.message = (over or errors or ["no build tried"])[0 if over else -1]
+        res.seconds = time.perf_counter() - t0
+        return res
+    try:
+        d = decompose(lm, x)
+    except UnsupportedModuleError as e:
+        res.status, res.message = "refused", str(e)[:1000]
+    except Exception as e:  # noqa: BLE001 -- a foreign exception is what the sweep exists to find
+        res.status, res.message = "foreign", _message(e, 1000)
+    else:
+        zz = z.to(d.readout.dtype)
+        scale = float(zz.abs().max()) or 1.0
+        res.readout_error = min(float((c - zz).abs().max()) for c in _readout_candidates(lm.model, d.readout)) / scale
+        res.residual = float(d.residual().max())
+        ok = res.readout_error <= TOL and res.residual <= TOL
+        res.status = "exact" if ok else "wrong"
+        if not ok:
+            res.message = f"readout error {res.readout_error:.2e}, reconstruction error {res.residual:.2e}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _worker(conn, threads: int, max_params: int, seed: int) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    while True:
+        item = conn.recv()
+        if item is None:
+            return
+        name, family = item
+        conn.send(check_model(name, family, max_params=max_params, seed=seed).to_json())
+
+
+def sweep(archs: dict[str, str], *, workers: int = 2, timeout_s: float = 300.0, max_params: int = MAX_PARAMS,
+          seed: int = 0, threads: int = 1, progress: Optional[Callable[[ZooResult, int, int], None]] = None,
+          ) -> list[ZooResult]:
+    """Check every architecture of ``archs`` (name → family) in ``workers`` spawned processes; a model
+    running longer than ``timeout_s`` is recorded as ``timeout`` and its worker replaced. Results come
+    back in the order of ``archs``; ``progress(result, done, total)`` is called as they arrive."""
+    ctx = mp.get_context("spawn")
+    todo = list(archs.items())
+    total, results = len(todo), {}
+    pool: list[dict] = []
+
+    def start():
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(b, threads, max_params, seed), daemon=True)
+        p.start()
+        b.close()
+        return {"proc": p, "conn": a, "task": None, "t": 0.0}
+
+    def finish(r: ZooResult):
+        results[r.name] = r
+        log.debug("zoo %d/%d %s: %s %s", len(results), total, r.name, r.status, r.message[:120])
+        if progress:
+            progress(r, len(results), total)
+
+    try:
+        pool = [start() for _ in range(max(1, min(workers, total)))]
+        while len(results) < total:
+            for w in pool:
+                if w["task"] is None and todo:
+                    w["task"], w["t"] = todo.pop(0), time.monotonic()
+                    w["conn"].send(w["task"])
+            busy = [w for w in pool if w["task"] is not None]
+            ready = wait([w["conn"] for w in busy], timeout=1.0)
+            for w in list(pool):
+                if w["task"] is None:
+                    continue
+                name, fam = w["task"]
+                if w["conn"] in ready:
+                    try:
+                        finish(ZooResult(**w["conn"].recv()))
+                        w["task"] = None
+                        continue
+                    except (EOFError, OSError):
+                        msg = f"worker died (exit code {w['proc'].exitcode})"
+                        status = "foreign"
+                elif time.monotonic() - w["t"] > timeout_s:
+                    msg, status = f"no result within {timeout_s:.0f} s", "timeout"
+                elif w["proc"].is_alive():
+                    continue
+                else:
+                    msg, status = f"worker died (exit code {w['proc'].exitcode})", "foreign"
+                w["proc"].kill()
+                w["proc"].join()
+                finish(ZooResult(name, fam, status, msg, seconds=time.monotonic() - w["t"]))
+                pool[pool.index(w)] = start()
+    finally:
+        for w in pool:
+            try:
+                w["conn"].send(None)
+            except (OSError, BrokenPipeError):
+                pass
+            w["proc"].join(timeout=5)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+    return [results[n] for n in archs]
+
+
+def summarize(results: Iterable[ZooResult]) -> dict:
+    """Counts per family and status, the coverage fractions and the bugs.
+
+    ``coverage``: exact / (exact + refused + foreign + wrong), over timm transformer families (the
+    models that build within the budget); ``coverage_all``: exact / all swept timm architectures."""
+    results = list(results)
+    per: dict[str, Counter] = defaultdict(Counter)
+    for r in results:
+        per[r.family][r.status] += 1
+    total = Counter(r.status for r in results)
+
+    def frac(rs, statuses=("exact", "refused", "foreign", "wrong")):
+        den = sum(1 for r in rs if r.status in statuses)
+        return (sum(1 for r in rs if r.status == "exact") / den) if den else 0.0
+
+    timm_rs = [r for r in results if r.name.startswith("timm:")]
+    oc_rs = [r for r in results if r.name.startswith("open_clip:")]
+    return {
+        "families": {f: dict(c) for f, c in sorted(per.items())},
+        "total": dict(total),
+        "coverage": frac(timm_rs),
+        "coverage_all": frac(timm_rs, STATUSES),
+        "open_clip_coverage": frac(oc_rs),
+        "bugs": [r.to_json() for r in results if r.status in BUGS],
+        "n": len(results),
+    }
+
+
+def to_json(results: Sequence[ZooResult], meta: Optional[dict] = None) -> dict:
+    """A results document (what ``benchmark zoo --out`` writes): versions, the summary, every result."""
+    import open_clip
+    import timm
+    import torch
+
+    from .version import __version__
+
+    return {"versions": {"vitdecomp": __version__, "timm": timm.__version__, "open_clip": open_clip.__version__,
+                         "torch": torch.__version__},
+            "meta": meta or {}, "summary": summarize(results), "results": [r.to_json() for r in results]}
+
+
+def from_json(doc: dict) -> list[ZooResult]:
+    return [ZooResult(**r) for r in doc["results"]]
+
+
+README_BEGIN = "<!-- zoo-table:begin (generated by `python jobs/benchmark.py zoo --write-readme`) -->"
+README_END = "<!-- zoo-table:end -->"
+
+
+def readme_table(doc: dict) -> str:
+    """The README "Supported models (zoo sweep)" table of a results document: per family, how many
+    architectures decompose exactly, are refused, fail upstream or are over the budget, and examples."""
+    results = from_json(doc)
+    s = summarize(results)
+    by_fam: dict[str, list[ZooResult]] = defaultdict(list)
+    for r in results:
+        by_fam[r.family].append(r)
+    v = doc.get("versions", {})
+    lines = [f"Swept with timm {v.get('timm', '?')}, open_clip {v.get('open_clip', '?')}: "
+             f"{s['total'].get('exact', 0)} of {s['n']} architectures decompose exactly; timm transformer "
+             f"families {s['coverage']:.0%} exact of those that build within the budget "
+             f"({s['coverage_all']:.0%} of all), open_clip {s['open_clip_coverage']:.0%}.", "",
+             "| family | exact | refused | build failed / too large / timeout | bugs | exact examples |",
+             "|---|---:|---:|---:|---:|---|"]
+    for fam in sorted(by_fam, key=lambda f: (f == OPEN_CLIP_FAMILY, f)):
+        rs = by_fam[fam]
+        c = Counter(r.status for r in rs)
+        ex = [r.name.split(":", 1)[1] for r in rs if r.status == "exact"][:3]
+        lines.append(f"| {fam} | {c['exact']}/{len(rs)} | {c['refused']} | "
+                     f"{c['build_failed'] + c['too_large'] + c['timeout']} | {c['foreign'] + c['wrong']} | "
+                     f"{', '.join(f'`{e}`' for e in ex)} |")
+    return "\n".join(lines)
+
+
+def replace_readme_table(text: str, table: str) -> str:
+    """``text`` with the part between :data:`README_BEGIN` and :data:`README_END` replaced by ``table``."""
+    from .errors import InputError
+
+    if README_BEGIN not in text or README_END not in text:
+        raise InputError(f"the README has no zoo table markers; add the two lines {README_BEGIN!r} and "
+                         f"{README_END!r} where the table goes")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}"
