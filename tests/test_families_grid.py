@@ -41,6 +41,28 @@ def test_fixed_size_model_refuses_other_sizes_with_a_clear_error():
         vd.decompose(m, torch.randn(1, 3, 224, 224, dtype=torch.float64))
 
 
+def test_hybrid_stem_grid_and_any_multiple_of_its_stride():
+    """ViTamin without position embedding (as `vitamin_xlarge_*`): a convolutional stem (timm HybridEmbed,
+    16 px per token), so
+    the model takes any multiple of its stride; the token grid is timm's own ``dynamic_feat_size``."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vitamin_small_224", pretrained=False, depth=2, pos_embed="none").double().eval()
+    assert m.pos_embed is None
+    x = torch.randn(1, 3, 96, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    name = "blocks.1.attn.head.2"
+    d = vd.decompose(m, x, tokens=[name])
+    with torch.inference_mode():
+        assert torch.equal(d.readout, m.forward_head(m.forward_features(x), pre_logits=True))
+    assert float(d.residual().max()) <= 1e-10
+    grid = tuple(m.patch_embed.dynamic_feat_size((96, 128)))
+    assert grid == (6, 8) and d.token_map(name).shape[1:3] == grid
+    torch.testing.assert_close(d.tokens[name].sum(1), d[name], rtol=0, atol=1e-12)
+    with pytest.raises(vd.errors.InputError, match="multiple"):
+        vd.decompose(m, torch.randn(1, 3, 100, 128, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("key", ["deit_b", "dinov2_b", "swin_b", "maxvit_s"])
 def test_reference_layouts_give_the_published_component_sets(key):
     """Built on the meta device: the architecture only, no weights, no memory."""

@@ -10,7 +10,8 @@ import torch
 import vitdecomp as vd
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-MODELS = ["vit_base_patch16_siglip_224", "vit_base_patch16_siglip_gap_224"]
+# the so150m MAP model has 4 register tokens and no class token; its pool sees the patch tokens only
+MODELS = ["vit_base_patch16_siglip_224", "vit_base_patch16_siglip_gap_224", "vit_so150m_patch16_reg4_map_256"]
 
 
 @functools.lru_cache(maxsize=None)

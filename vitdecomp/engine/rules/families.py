@@ -137,8 +137,11 @@ class LatentPoolRule:
         q = torch.nn.functional.linear(pool.latent.to(dt), pool.q.weight.to(dt), _b(pool.q, dt)).reshape(1, H, dh)                                                  # latent_len == 1
         w_kv = pool.kv.weight.to(dt)
         b_kv = _b(pool.kv, dt) if pool.kv.bias is not None else torch.zeros(2 * D, dtype=dt, device=x.device)
-        k = (y @ w_kv[:D].T + b_kv[:D]).view(B, Ntok, H, dh)
-        alpha = torch.einsum("hd,bnhd->bhn", q[0], k).mul(pool.scale).softmax(-1)  # [B, H, N]
+        Np = y.shape[1]                      # the pool sees x[:, start:] (timm drops prefix tokens unless
+        start = Ntok - Np                    # pool_include_prefix): their weight is zero
+        k = (y @ w_kv[:D].T + b_kv[:D]).view(B, Np, H, dh)
+        alpha = torch.zeros(B, H, Ntok, dtype=dt, device=x.device)
+        alpha[..., start:] = torch.einsum("hd,bnhd->bhn", q[0], k).mul(pool.scale).softmax(-1)  # [B, H, N]
         w = alpha / sigma[:, None, :, 0]                                         # [B, H, N]
         w_v = w_kv[D:].view(H, dh, D)
         b_v = b_kv[D:].view(H, dh)
@@ -153,8 +156,8 @@ class LatentPoolRule:
         v_off = torch.einsum("bhe,hde->bhd", o_pool, w_v) + b_v
         offset = torch.einsum("bhd,ehd->be", v_off, w_o) + (_b(pool.proj, dt) if pool.proj.bias is not None else 0.0)
         ex = {f"{self.path}.mlp": store["pool_mlp"][:, 0].to(dt)} if pool.mlp is not None else {}
-        v_real = (y @ w_kv[D:].T + b_kv[D:]).view(B, Ntok, H, dh)              # the pool's real values
-        heads = torch.einsum("ehd,bhd->bhe", w_o, torch.einsum("bhn,bnhd->bhd", alpha, v_real))
+        v_real = (y @ w_kv[D:].T + b_kv[D:]).view(B, Np, H, dh)                # the pool's real values
+        heads = torch.einsum("ehd,bhd->bhe", w_o, torch.einsum("bhn,bnhd->bhd", alpha[..., start:], v_real))
         return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), extra=ex, post=post, pool_heads=heads)
 
 

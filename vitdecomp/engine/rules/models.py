@@ -87,19 +87,41 @@ def _fixed_size_check(expected: tuple[int, int], what: str) -> Callable[[Tensor]
     return check
 
 
+def _stride(pe) -> tuple[int, int]:
+    """Pixels per token of a timm patch embedding (a hybrid's backbone reduction included)."""
+    r = pe.feat_ratio(as_scalar=False) if hasattr(pe, "feat_ratio") else pe.patch_size
+    return tuple(r)
+
+
 def _patch_check(pe) -> Callable[[Tensor], None]:
     def check(images: Tensor) -> None:
-        p = pe.patch_size
+        p = _stride(pe)
         if images.shape[-2] % p[0] or images.shape[-1] % p[1]:
             raise InputError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {tuple(p)}")
     return check
 
 
 def _patch_grid(pe) -> Callable[[tuple[int, int]], tuple[int, int]]:
+    """Image ``(H, W)`` → token grid, by timm's own ``dynamic_feat_size`` where the embedding has it."""
     def grid(hw: tuple[int, int]) -> tuple[int, int]:
+        if hasattr(pe, "dynamic_feat_size"):
+            return tuple(pe.dynamic_feat_size(tuple(hw)))
         p = pe.patch_size
         return hw[0] // p[0], hw[1] // p[1]
     return grid
+
+
+def _size_check(m: nn.Module, what: str) -> Callable[[Tensor], None]:
+    """Fixed image size only where the model has one: a strict patch embedding feeding a fixed-size
+    position embedding (a hybrid stem without position embedding takes any multiple of its stride)."""
+    from timm.layers import PatchEmbed
+
+    pe = m.patch_embed
+    strict = getattr(pe, "strict_img_size", True) and (getattr(m, "pos_embed", None) is not None
+                                                      or isinstance(pe, PatchEmbed))
+    if getattr(m, "dynamic_img_size", False) or not strict or getattr(pe, "img_size", None) is None:
+        return _patch_check(pe)
+    return _fixed_size_check(pe.img_size, what)
 
 
 def _register() -> None:
@@ -114,9 +136,7 @@ def _register() -> None:
         if m.attn_pool is not None or (m.global_pool == "avg" and not isinstance(m.norm, nn.Identity)):
             from .families import vit_spatial_plan
 
-            dyn = m.dynamic_img_size or not getattr(pe, "strict_img_size", True)
-            check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, "this timm ViT")
-            return vit_spatial_plan(m, check, _patch_grid(pe))
+            return vit_spatial_plan(m, _size_check(m, "this timm ViT"), _patch_grid(pe))
         if m.global_pool == "token":
             if npt < 1 or m.cls_token is None:
                 raise UnsupportedModuleError("timm ViT with global_pool='token' but no class token")
@@ -130,17 +150,7 @@ def _register() -> None:
         rule_for("scale", "head_drop", m.head_drop)
 
         pe = m.patch_embed
-        if m.dynamic_img_size or not getattr(pe, "strict_img_size", True):
-            def check(images: Tensor) -> None:
-                p = pe.patch_size
-                if images.shape[-2] % p[0] or images.shape[-1] % p[1]:
-                    raise InputError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
-        else:
-            check = _fixed_size_check(pe.img_size, "this timm ViT")
-
-        def grid(hw: tuple[int, int]) -> tuple[int, int]:
-            p = pe.patch_size
-            return hw[0] // p[0], hw[1] // p[1]
+        check, grid = _size_check(m, "this timm ViT"), _patch_grid(pe)
 
         return ModelPlan(
             family="timm-vit", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
@@ -169,8 +179,7 @@ def _register() -> None:
             raise UnsupportedModuleError(f"EVA global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")
         rule_for("scale", "head_drop", m.head_drop)
         pe = m.patch_embed
-        check = _patch_check(pe) if (m.dynamic_img_size or not getattr(pe, "strict_img_size", True)) \
-            else _fixed_size_check(pe.img_size, "this timm EVA")
+        check = _size_check(m, "this timm EVA")
         return ModelPlan(
             family="timm-eva", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
             post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,

@@ -31,7 +31,7 @@ from ...errors import UnsupportedModuleError
 from .affine import NormSpec, layernorm_stats
 from .attention import AttentionRule, AttnResult, _no_mask, out_project, pooled_head_values, readout_rows
 from .blocks import BlockRule, _gain, _make
-from .models import ModelPlan, _blocks, _fixed_size_check, _norm, _patch_check, _patch_grid
+from .models import ModelPlan, _blocks, _fixed_size_check, _norm, _patch_grid, _size_check
 from .pool import Pooling
 from .registry import register_rule, rule_for
 from .spatial import ReadoutMaps, SpatialPlan, Unit, norm_linear, norm_offset
@@ -211,8 +211,7 @@ def _token_or_avg_plan(m: nn.Module, family: str, what: str):
         raise UnsupportedModuleError(f"{what} global_pool={m.global_pool!r}: only 'token' and 'avg' are linear readouts")
     rule_for("scale", "head_drop", m.head_drop)
     pe = m.patch_embed
-    dyn = getattr(m, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
-    check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, f"this timm {what}")
+    check = _size_check(m, f"this timm {what}")
     return ModelPlan(
         family=family, root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
         post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
@@ -229,8 +228,7 @@ def _per_token_norm_avg_plan(m: nn.Module, family: str, what: str) -> SpatialPla
     rule_for("scale", "head_drop", m.head_drop)
     blocks, units = _rule_units("blocks", m.blocks)
     npt, pe = m.num_prefix_tokens, m.patch_embed
-    dyn = getattr(m, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
-    check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, f"this timm {what}")
+    check = _size_check(m, f"this timm {what}")
 
     def embed_hook(module, store):
         return [module.register_forward_pre_hook(lambda _, args: store.__setitem__("embed", args[0]))]
@@ -732,8 +730,7 @@ def _register_deit() -> None:
         rule_for("scale", "head_drop", m.head_drop)
         blocks, units = _rule_units("blocks", m.blocks)
         pe = m.patch_embed
-        dyn = m.dynamic_img_size or not getattr(pe, "strict_img_size", True)
-        check = _patch_check(pe) if dyn else _fixed_size_check(pe.img_size, "this DeiT distilled model")
+        check = _size_check(m, "this DeiT distilled model")
 
         def embed_hook(module, store):
             return [module.register_forward_pre_hook(lambda _, args: store.__setitem__("embed", args[0]))]
