@@ -55,6 +55,44 @@ def test_coefficient_moments_equal_decoded_moments(pair):
     np.testing.assert_allclose(got.xtx, want.xtx, rtol=1e-7, atol=1e-7 * np.abs(want.xtx).max())
 
 
+def test_shifted_float32_moments_are_exact(pair):
+    """``CoefficientMoments.add32`` (each block shifted by a reference row, the shift undone in float64)
+    equals ``add`` (no shift) to float64 rounding when given float64 blocks, merged across workers
+    (``+``) and through bytes too; given float32 blocks of a large-mean component, the shift keeps the
+    covariance ``XᵀX − nμμᵀ`` to float32 accuracy where an unshifted float32 Gram loses it."""
+    from vitdecomp.store.compact import CoefficientMoments
+
+    st, _ = pair
+    lay = st.compact_layout
+    names = st.names
+    ref, parts = CoefficientMoments(names), []
+    for b in st.iter_batches(components=names, dtype=np.float64, batch_size=256, coefficients=True):
+        ref.add(b.coefficients, b.full, b.offset, lay)
+        parts.append(CoefficientMoments(names).add32({k: v.copy() for k, v in b.coefficients.items()},
+                                                     {k: v.copy() for k, v in b.full.items()}, b.offset, lay))
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = merged + CoefficientMoments.from_bytes(p.to_bytes())
+    one = CoefficientMoments(names)
+    for b in st.iter_batches(components=names, dtype=np.float64, batch_size=256, coefficients=True):
+        one.add32(dict(b.coefficients), dict(b.full), b.offset, lay)
+    want = ref.moments(lay, st.manifest["d"])
+    for got in (merged.moments(lay, st.manifest["d"]), one.moments(lay, st.manifest["d"])):
+        assert got[0] == want[0] == 900
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-10)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-11, atol=1e-9)
+    g = np.random.default_rng(0)
+    x64 = 300.0 + g.normal(size=(4096, 16))                       # mean ≫ spread: the hard case for float32
+    x32 = x64.astype(np.float32)
+    exact = np.cov(x32.astype(np.float64), rowvar=False, bias=True) * len(x32)
+    sh = CoefficientMoments(["x"]).add32({}, {"x": x32.copy()}, None, None)
+    n, s, xtx = sh.moments(None, 16)
+    cov = xtx[0] - np.outer(s[0], s[0]) / n
+    plain = (x32.T @ x32).astype(np.float64) - np.outer(x32.sum(0, dtype=np.float64), x32.sum(0, dtype=np.float64)) / n
+    err = np.abs(cov - exact).max() / np.abs(exact).max()
+    assert err < 1e-5 < np.abs(plain - exact).max() / np.abs(exact).max()
+
+
 def test_textspan_picks_identical_and_planted(pair):
     a, b = pair
     heads = [c.name for c in a.components if c.kind == "head"]
@@ -142,3 +180,32 @@ def test_distributed_passes_in_coefficient_space(ray_local, pair):
     ref = {i: v for bt in a.iter_batches(components=[heads[0]], ids=list(got)) for i, v in zip(bt.ids, bt.contributions[:, 0])}
     for i in got:
         np.testing.assert_allclose(got[i], ref[i], rtol=0, atol=1e-6)
+
+
+def test_stream_parts_equal_iter_batches(pair):
+    """The float32 streaming reader of the local passes gives, batch for batch, what ``iter_batches``
+    gives (fp16 and fp32 stores, reused buffers, a row subset, pass-through columns, the readout)."""
+    from vitdecomp.store.stream import _Widen, stream_parts
+
+    for st in pair:
+        names = st.names
+        ids = [f"img-{i:07d}" for i in range(3, 900, 7)]
+        got = list(stream_parts(st, names, readout=True, columns=["label"], with_ids=True, batch_size=50))
+        assert sum(b.n for b in got) == 900 and max(b.n for b in got) <= 50
+        # the buffers are reused: check each batch as it comes
+        ref = st.iter_batches(components=names, batch_size=50, columns=["label"], coefficients=True)
+        for b, r in zip(stream_parts(st, names, readout=True, columns=["label"], with_ids=True, batch_size=50), ref):
+            assert b.ids.to_pylist() == r.ids and b.columns["label"].to_pylist() == r.columns["label"].to_pylist()
+            for n in names:
+                want = r.coefficients[n] if n in r.coefficients else r.full[n]
+                have = b.coef[n] if n in b.coef else b.full[n]
+                assert have.dtype == np.float32 and np.array_equal(have, want), n
+            assert np.array_equal(b.readout, r.readout)
+        sub = list(stream_parts(st, names[:2], ids=ids))
+        assert sum(b.n for b in sub) == len(ids)
+    import pyarrow as pa
+
+    w = _Widen()
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(40, dtype=np.float16)), 4)
+    for part in (arr, arr.slice(3, 5), arr.slice(0, 0)):
+        assert np.array_equal(w("c", part), np.arange(40, dtype=np.float32).reshape(10, 4)[part.offset:part.offset + len(part)])

@@ -20,6 +20,8 @@ def test_scale_reports_each_layout(tmp_path):
         x = e[layout]
         assert {"scan", "textspan", "compattribute", "ablate", "peak_rss_mib", "bytes_per_image"} <= set(x)
         assert all(x[k] > 0 for k in ("scan", "textspan", "compattribute", "ablate", "peak_rss_mib"))
+        # each pass has its own baseline: a raw scan of the columns it reads (ablate: two scans)
+        assert all(x[f"scan_{k}"] > 0 for k in ("textspan", "compattribute", "ablate"))
         st = open_store(str(tmp_path / f"{layout}-400-32-2-2-8"))
         assert st.layout == layout and st.count() == 400
         assert x["bytes_per_image"] == st.nbytes() / 400

@@ -1,4 +1,4 @@
-"""``vitdecomp benchmark overhead | job | toyworld``: measured ratios, printed."""
+"""``vitdecomp benchmark overhead | job | toyworld | … | zoo``: measured ratios and counts, printed."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +30,14 @@ def print_job(r: dict) -> None:
 
 
 
-def print_toyworld(r: dict) -> None:
+def print_toyworld(r: dict, json_path=None) -> None:
     import numpy as np
+
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(r, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
     print("toyworld  tiny CLIP zero-shot accuracy (test): " +
           ", ".join(f"{a} {v:.3f}" for a, v in r["zero_shot"].items()))
@@ -66,6 +72,28 @@ def print_toyworld(r: dict) -> None:
             print(f"    CompAttribute top-{k} ablation changes test worst-group by {np.mean(gain) * 100:+.1f} points "
                   f"(per seed: {', '.join(f'{g * 100:+.1f}' for g in gain)}); ablated (seed 0): "
                   f"{', '.join(r['runs'][0][f'compattribute{k}']['ablated'])}")
+    if "scores" in r["runs"][0]:
+        print(f"  CompAttribute ranking per score option (query compattribute/mitigate --score; aligner "
+              f"{r.get('align_epochs', 15)} epochs; target: >= +8 worst-group points, top component differing "
+              "between at least half of the properties)")
+        for score in r["runs"][0]["scores"]:
+            sr = [run["scores"][score] for run in r["runs"]]
+            parts = []
+            for k in r["ks"]:
+                gain = [(x[f"top{k}"]["worst"] - run["before"]["worst"]) * 100 for x, run in zip(sr, r["runs"])]
+                parts.append(f"top-{k} {np.mean(gain):+.1f} points (per seed {', '.join(f'{g:+.1f}' for g in gain)}), "
+                             f"overlap {np.mean([x[f'overlap{k}'] for x in sr]):.2f}")
+            print(f"    {score:<15s} Spearman with gain {np.mean([x['spearman_vs_gain'] for x in sr]):+.2f}; "
+                  + "; ".join(parts))
+            print(f"      distinct top components over the {len(sr[0]['top_per_property'])} world properties "
+                  f"(classifier, aligned; per seed): {', '.join(str(x['distinct_tops']) for x in sr)}; seed 0: "
+                  + ", ".join(f"{p}: {c}" for p, c in sr[0]["top_per_property"].items()))
+            cs = r.get("clip_scores", {}).get(score)
+            if cs:
+                print(f"      tiny CLIP's own store: {cs['distinct']} distinct top components ("
+                      + ", ".join(f"{p}: {c}" for p, c in zip(r["properties"], cs["tops"]))
+                      + f"); background head {cs['background_head']}, first TextSpan text "
+                        f"{cs['background_head_first_text']!r}")
 
 def print_resume(r: dict) -> None:
     print(f"resume  store of {r['rows']} ids ({r['format']}), listing of {r['listing']} inputs "
@@ -106,9 +134,9 @@ def print_scale(r: dict) -> None:
         print(f"  N={e['rows']:,}")
         for layout in ("full", "compact"):
             x = e[layout]
-            print(f"    {layout:<8s} {x['bytes_per_image']:8.0f} B/image  raw scan {x['scan']:7.2f} s  " +
-                  "  ".join(f"{p} {x[p]:7.2f} s = {x[p] / x['scan']:.2f}x scan" for p in passes) +
-                  f"  peak RSS {x['peak_rss_mib']:.0f} MiB")
+            print(f"    {layout:<8s} {x['bytes_per_image']:8.0f} B/image  raw scan (all columns) {x['scan']:6.2f} s  " +
+                  "  ".join(f"{p} {x[p]:6.2f} s = {x[p] / x.get('scan_' + p, x['scan']):.2f}x its scan" for p in passes)
+                  + f"  peak RSS {x['peak_rss_mib']:.0f} MiB  (load {x.get('load', float('nan')):.1f})")
         print("    compact vs full: bytes " + f"{e['full']['bytes_per_image'] / e['compact']['bytes_per_image']:.2f}x "
               "smaller; speedup " + ", ".join(f"{p} {e['full'][p] / e['compact'][p]:.2f}x" for p in passes))
     if len(r["sizes"]) > 1:
@@ -116,7 +144,8 @@ def print_scale(r: dict) -> None:
         print(f"  peak RSS {b['rows']:,} vs {a['rows']:,} rows: " + ", ".join(
             f"{layout} {b[layout]['peak_rss_mib'] / a[layout]['peak_rss_mib']:.2f}x" for layout in ("full", "compact"))
             + " (goal <= 1.1)")
-    print("  goals: each pass <= 1.3x a raw scan of the same columns")
+    print("  goals: each pass <= 1.3x a raw Lance scan of its own columns (query ablate: two scans, the means "
+          "and the masked predictions); load = 1-min load average of this shared machine during the passes")
 
 
 def print_layout_bytes(rows: list) -> None:
@@ -171,12 +200,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="Tiny-CLIP zero-shot accuracy per attribute; classifier per-group and worst-group "
                                     "accuracy before and after mean-ablating the components that push towards the "
                                     "background's class (ranked on validation, evaluated on test; random components "
-                                    "as a control), over several training seeds; TextSpan's first texts per head. "
+                                    "as a control), over several training seeds; TextSpan's first texts per head; the CompAttribute "
+                                    "ranking for every --score option (correlation, specific, variance-share). "
                                     "Trains missing seeds' models (about 1.5 min each) into the demo's cache.")
     t.add_argument("--seeds", type=int, default=3, help="classifier training seeds (default 3)")
     t.add_argument("--k", type=int, nargs="+", default=[5, 8], help="numbers of ablated components (default 5 8)")
     t.add_argument("--workdir", default=".vitdecomp-demo", help="the demo's working directory (world and cache)")
-    t.set_defaults(func=lambda a: print_toyworld(_lib().toyworld(a.seeds, tuple(a.k), a.workdir)))
+    t.add_argument("--align-epochs", type=int, default=15,
+                   help="epochs of the CompAlign aligner behind the CompAttribute rankings (default 15)")
+    t.add_argument("--json", default=None, help="also write every measured figure to this JSON file")
+    t.set_defaults(func=lambda a: print_toyworld(_lib().toyworld(a.seeds, tuple(a.k), a.workdir, a.align_epochs),
+                                                 a.json))
     r = bsub.add_parser("resume", help="resume planning against a store of N ids: driver seconds and memory",
                         description="Write a store holding N image ids (minimal schema, no model run; reused when "
                                     "present), then plan a resume for a listing of N·(1+new) inputs, each way in a "
@@ -223,8 +257,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lb.set_defaults(func=lambda a: print_layout_bytes(_layout_rows(a)))
     o.set_defaults(func=lambda a: print_overhead(_lib().overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
                                                           threads=a.threads)))
+    z = bsub.add_parser("zoo", help="every transformer-family timm and open_clip architecture: exact or refused?",
+                        description="Build every timm model of the transformer-family modules (vitdecomp.zoo."
+                                    "TIMM_TRANSFORMER_MODULES) and every open_clip architecture shrunk, with random "
+                                    "weights; decompose random images and classify each: exact, refused "
+                                    "(UnsupportedModuleError), foreign exception or wrong answer (bugs), too large, "
+                                    "build failed (upstream), timeout. Prints counts per family, the coverage and "
+                                    "the bugs. With --write-readme RESULTS.json only regenerates the README table.")
+    z.add_argument("--timm", default="", metavar="PATTERN", help="only timm models matching this fnmatch pattern")
+    z.add_argument("--open-clip", default="", metavar="PATTERN", help="only open_clip architectures matching this")
+    z.add_argument("--only", choices=["timm", "open_clip"], default=None, help="sweep one library only")
+    z.add_argument("--limit", type=int, default=None, help="the first N architectures (name order)")
+    z.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    z.add_argument("--timeout", type=float, default=300.0, help="seconds per model before it counts as timeout")
+    z.add_argument("--max-params", type=int, default=None, help="parameter budget of a shrunk build (default 60M)")
+    z.add_argument("--out", default=None, help="write every result to this JSON file (results so far go to "
+                   "OUT.partial.jsonl; rerunning with the same --out resumes)")
+    z.add_argument("--progress", action="store_true", help="print each result as it arrives")
+    z.add_argument("--write-readme", default=None, metavar="RESULTS_JSON",
+                   help="regenerate README.md's zoo table from a results file (no sweep)")
+    z.set_defaults(func=_zoo)
 
 
+
+
+def print_zoo(doc: dict) -> None:
+    s = doc["summary"]
+    print(f"zoo  {s['n']} architectures  timm {doc['versions']['timm']}  open_clip {doc['versions']['open_clip']}  "
+          f"({doc['meta'].get('seconds', 0):.0f} s)")
+    statuses = ("exact", "refused", "foreign", "wrong", "too_large", "build_failed", "timeout")
+    print(f"  {'family':<28}" + "".join(f"{k:>13}" for k in statuses))
+    for fam, c in s["families"].items():
+        print(f"  {fam:<28}" + "".join(f"{c.get(k, 0):>13}" for k in statuses))
+    print(f"  {'total':<28}" + "".join(f"{s['total'].get(k, 0):>13}" for k in statuses))
+    print(f"  timm transformer families: {s['coverage']:.1%} exact of those that build within the budget "
+          f"({s['coverage_all']:.1%} of all swept); open_clip: {s['open_clip_coverage']:.1%}")
+    print(f"  bugs (foreign exception or wrong answer): {len(s['bugs'])}")
+    for b in s["bugs"]:
+        print(f"    {b['name']}: {b['status']}: {b['message'][:300]}")
+
+
+def _zoo(a) -> None:
+    if a.write_readme:
+        print(_lib().zoo_readme(a.write_readme))
+        return
+    libs = (a.only,) if a.only else ("timm", "open_clip")
+    progress = (lambda r, i, n: print(f"  [{i}/{n}] {r.name}: {r.status} {r.message[:160]}", flush=True)) \
+        if a.progress else None
+    print_zoo(_lib().zoo(a.timm, a.open_clip, libs, a.workers, a.timeout, a.max_params, a.limit, a.out, progress))
 
 
 def _lib():

@@ -88,17 +88,9 @@ def moments_from_store(store, components: Sequence[str], *, distributed: bool = 
                        batch_size: int = 1024) -> Moments:
     """One pass over the store: per-block moments of ``components`` (model space), merged. A compact
     store's heads are accumulated in coefficient space (README “Store layout”) and mapped once."""
-    if getattr(store, "layout", "full") == "compact":
+    if getattr(store, "layout", "full") == "compact" or not distributed:
         return _coefficient_moments(store, components, distributed, batch_size)
     cols = store.columns_for(components)
-    if not distributed:
-        total = None
-        for b in store.iter_batches(components=components, batch_size=batch_size, dtype=np.float64):
-            m = Moments.of(b.contributions)
-            total = m if total is None else total + m
-        if total is None:
-            raise InputError(f"{store.uri} holds no rows")
-        return total
     import pyarrow as pa
 
     from ..store.schema import arrow_to_vectors
@@ -118,7 +110,8 @@ def moments_from_store(store, components: Sequence[str], *, distributed: bool = 
 
 
 def _coefficient_moments(store, components: Sequence[str], distributed: bool, batch_size: int) -> Moments:
-    """:func:`moments_from_store` on a compact store: ``UᵀU`` per head instead of ``XᵀX``, mapped on the driver."""
+    """:func:`moments_from_store` on a compact store (``UᵀU`` per head instead of ``XᵀX``, mapped on the
+    driver), and the local pass of either layout: streamed float64 blocks (:mod:`vitdecomp.store.stream`)."""
     from ..store.compact import CoefficientMoments, table_parts
 
     from ..engine.names import select
@@ -127,8 +120,11 @@ def _coefficient_moments(store, components: Sequence[str], distributed: bool, ba
     layout = store.compact_layout
     total = CoefficientMoments(names)
     if not distributed:
-        for b in store.iter_batches(components=names, batch_size=batch_size, dtype=np.float64, coefficients=True):
-            total.add(b.coefficients, b.full, b.offset, layout)
+        from ..store.stream import blas_threads, stream_parts
+
+        with blas_threads():
+            for b in stream_parts(store, names, dtype=np.float64):
+                total.add32(b.coef, b.full, b.offset, layout)
     else:
         import pyarrow as pa
 
@@ -144,7 +140,10 @@ def _coefficient_moments(store, components: Sequence[str], distributed: bool, ba
             total = total + CoefficientMoments.from_bytes(row["m"])
     if total.n == 0:
         raise InputError(f"{store.uri} holds no rows")
-    n, s, xtx = total.moments(layout, store.manifest["d"])
+    from ..store.stream import blas_threads
+
+    with blas_threads():
+        n, s, xtx = total.moments(layout, store.manifest["d"])
     return Moments(n, s, xtx)
 
 

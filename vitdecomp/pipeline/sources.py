@@ -516,21 +516,101 @@ def _table_batches(uri: str, fs: pafs.FileSystem, path: str, s3: S3Settings, col
         yield from pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=columns, filter=where)
 
 
-def _scan_ids(batches, id_column: Optional[str], uri_column: Optional[str], bytes_column: Optional[str]) -> dict:
-    """Rows, rows with a null id and duplicate ids (id → occurrences) of a table input."""
-    seen: set = set()
-    dups: dict = {}
-    rows = nulls = 0
-    for b in batches:
-        ids = _row_ids(pa.Table.from_batches([b]), id_column, uri_column, bytes_column)
-        rows += len(ids)
-        for i in ids:
-            if i is None:
-                nulls += 1
-            elif i in seen:
-                dups[i] = dups.get(i, 1) + 1
-            else:
-                seen.add(i)
+SPILL_IDS = 1_000_000          # ids held in memory before _scan_ids spills them to hash buckets on local disk
+ID_BUCKETS = 64
+
+
+def _id_array(t: pa.Table, id_column: Optional[str], uri_column: Optional[str],
+              bytes_column: Optional[str]) -> pa.Array:
+    """:func:`_row_ids` as an Arrow string array (no Python object per row for string, integer or URI ids)."""
+    col = t.column(id_column or uri_column) if (id_column or uri_column) else None
+    if col is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or
+                            pa.types.is_integer(col.type)):
+        return col.combine_chunks().cast(pa.string())
+    return pa.array(_row_ids(t, id_column, uri_column, bytes_column), pa.string())
+
+
+def _id_buckets(ids: pa.Array, buckets: int) -> np.ndarray:
+    """A bucket per id (a polynomial hash of its UTF-8 bytes, vectorised with NumPy) for hash partitioning."""
+    ids = ids.cast(pa.large_string())
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64)
+    lens = np.diff(offsets)
+    if data.size == 0:
+        return np.zeros(len(ids), np.int64)
+    starts = offsets[:-1] - offsets[0]
+    pos = np.arange(data.size, dtype=np.int64) - np.repeat(starts, lens)
+    weights = np.random.default_rng(20261203).integers(1, 2 ** 61, 4096, dtype=np.uint64) | np.uint64(1)
+    h = np.zeros(len(ids), np.uint64)
+    nz = lens > 0                                   # empty ids hash to 0; the others' segments are exact
+    with np.errstate(over="ignore"):
+        terms = (data + np.uint64(1)) * weights[pos % 4096]
+        h[nz] = np.add.reduceat(terms, starts[nz])
+    return ((h >> np.uint64(17)) % np.uint64(buckets)).astype(np.int64)
+
+
+def _count_dups(ids: pa.Array) -> dict:
+    """``{id: occurrences}`` of the ids that occur more than once (Arrow group-by)."""
+    counts = pa.table({"i": ids}).group_by("i").aggregate([("i", "count")])
+    many = counts.filter(pc.greater(counts.column("i_count"), 1))
+    return dict(zip(many.column("i").to_pylist(), many.column("i_count").to_pylist()))
+
+
+def _scan_ids(batches, id_column: Optional[str], uri_column: Optional[str], bytes_column: Optional[str],
+              spill: int = SPILL_IDS, buckets: int = ID_BUCKETS) -> dict:
+    """Rows, rows with a null id and duplicate ids (id → occurrences) of a table input, in bounded
+    driver memory: ids are counted with an Arrow group-by; past ``spill`` ids they are hash-partitioned
+    into ``buckets`` Arrow IPC files in a temporary folder, and each bucket is counted on its own
+    (memory ≈ the ids of one bucket, not of the table)."""
+    import shutil
+    import tempfile
+
+    held: list = []
+    n_held = rows = nulls = 0
+    tmp = writers = None
+    schema = pa.schema([pa.field("i", pa.string())])
+
+    def spill_out(arrays) -> None:
+        for a in arrays:
+            b = _id_buckets(a, buckets)
+            order = np.argsort(b, kind="stable")
+            cuts = np.searchsorted(b[order], np.arange(buckets + 1))
+            sorted_ids = a.take(pa.array(order))
+            for k in range(buckets):
+                if cuts[k + 1] > cuts[k]:
+                    writers[k].write_batch(pa.record_batch([sorted_ids.slice(cuts[k], cuts[k + 1] - cuts[k])],
+                                                           schema=schema))
+
+    try:
+        for batch in batches:
+            ids = _id_array(pa.Table.from_batches([batch]), id_column, uri_column, bytes_column)
+            rows += len(ids)
+            nulls += ids.null_count
+            if ids.null_count:
+                ids = ids.drop_null()
+            if writers is not None:
+                spill_out([ids])
+                continue
+            held.append(ids)
+            n_held += len(ids)
+            if n_held > spill:
+                tmp = tempfile.mkdtemp(prefix="vitdecomp-ids-")
+                writers = [pa.ipc.new_stream(os.path.join(tmp, f"{k}.arrow"), schema) for k in range(buckets)]
+                spill_out(held)
+                held, n_held = [], 0
+        if writers is None:
+            dups = _count_dups(pa.concat_arrays(held)) if held else {}
+        else:
+            dups = {}
+            for k, w in enumerate(writers):
+                w.close()
+                with pa.ipc.open_stream(os.path.join(tmp, f"{k}.arrow")) as r:
+                    t = r.read_all()
+                if t.num_rows:
+                    dups.update(_count_dups(t.column("i").combine_chunks()))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {"rows": rows, "nulls": nulls, "dups": dups}
 
 

@@ -30,27 +30,49 @@ def _batches(st, names, head: LinearHead, ids, aligner, columns=(), batch_size: 
 
 
 def _coefficient_space(st, head: LinearHead, aligner) -> bool:
-    """Read a compact store's stored coordinates directly (README “Store layout”): no aligner in the way."""
-    return getattr(st, "layout", "full") == "compact" and (head.space != "aligned" or aligner is None) and \
+    """Stream the stored columns directly, a compact store's coordinates as they are (README “Store
+    layout”; :mod:`vitdecomp.store.stream`): no aligner in the way. Either layout."""
+    return (head.space != "aligned" or aligner is None) and \
         not (head.space == "aligned" and st.manifest["model"]["readout"]["space"] != "clip")
+
+
+def _small_ints(x: np.ndarray, top: int) -> np.ndarray:
+    """``x`` as the smallest signed integer type that holds ``-1 … top`` (per-row labels and predictions
+    are the only per-row state a pass keeps)."""
+    return x.astype(np.int8 if top < 127 else np.int16 if top < 32_767 else np.int32, copy=False)
+
+
+def _label_codes(col, classes: Sequence[str]) -> np.ndarray:
+    """:func:`label_indices` of an Arrow column, without a Python object per row for string labels."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        idx = pc.index_in(col, value_set=pa.array([str(c) for c in classes], col.type))
+        return _small_ints(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), len(classes))
+    return _small_ints(label_indices(col.to_pylist(), classes), len(classes))
 
 
 def component_means(st, names, head: LinearHead, ids, aligner=None) -> np.ndarray:
     """``μ [K, d]``: each component's mean over the rows ``ids`` (in the head's space)."""
     if _coefficient_space(st, head, aligner):         # means of the coordinates, mapped once
+        from ..store.stream import blas_threads, stream_parts, sum64
+
         lay = st.compact_layout
         sums: dict = {}
         n = 0
-        for b in st.iter_batches(components=names, ids=ids, dtype=np.float64, batch_size=512, coefficients=True):
-            for k, v in (*b.coefficients.items(), *b.full.items()):
-                sums[k] = v.sum(0) + sums.get(k, 0.0)
-            if b.offset is not None:
-                sums[""] = b.offset.sum(0) + sums.get("", 0.0)
-            n += len(b.ids)
+        with blas_threads():
+            for b in stream_parts(st, names, ids=ids, dtype=np.float64):
+                for k, v in (*b.coef.items(), *b.full.items()):
+                    sums[k] = sum64(v) + sums.get(k, 0.0)
+                if b.offset is not None:
+                    sums[""] = sum64(b.offset) + sums.get("", 0.0)
+                n += b.n
         if n == 0:
             raise InputError(f"no rows to average over in {st.uri}")
         out = np.stack([lay.decode(k, (sums[k] / n)[None], None if "" not in sums else (sums[""] / n)[None],
-                                   np.float64)[0] if k in lay.bases else sums[k] / n for k in names])
+                                   np.float64)[0] if lay is not None and k in lay.bases else sums[k] / n
+                        for k in names])
         return out
     total, n = None, 0
     for b in _batches(st, names, head, ids, aligner):
@@ -69,21 +91,23 @@ def evaluate_ablations(st, names, head: LinearHead, masks: dict[str, np.ndarray]
     Returns ``{"labels": [n], "groups": [n] (or None), "pred": {mask: [n]}}``."""
     labels, groups, preds = [], [], {m: [] for m in masks}
     cols = [label_column] + ([group_column] if group_column else [])
-    if _coefficient_space(st, head, aligner):         # per-component logits from the stored coordinates
+    if _coefficient_space(st, head, aligner):         # per-component logits from the stored columns
         from ..store.compact import CoefficientMap
+        from ..store.stream import blas_threads, stream_parts
 
         cmap = CoefficientMap(st.compact_layout, names, head.W)
         mean_logits = means @ head.W.T                                        # [K, C]
-        for b in st.iter_batches(components=names, ids=ids, columns=cols, dtype=np.float64, batch_size=512,
-                                 coefficients=True):
-            lk = cmap(b.coefficients, b.full, b.offset)                       # [b, K, C]
-            full = lk.sum(1) + head.b
-            labels.append(label_indices(b.columns[label_column].to_pylist(), head.classes))
-            if group_column:
-                groups += [str(v) for v in b.columns[group_column].to_pylist()]
-            dev = lk - mean_logits[None]
-            for m, mask in masks.items():
-                preds[m].append((full - dev[:, mask].sum(1) if mask.any() else full).argmax(1))
+        C = len(head.classes)
+        with blas_threads():
+            for b in stream_parts(st, names, ids=ids, columns=cols, dtype=np.float64):
+                lk = cmap(b.coef, b.full, b.offset)                           # [b, K, C]
+                full = lk.sum(1) + head.b
+                labels.append(_label_codes(b.columns[label_column], head.classes))
+                if group_column:
+                    groups += [str(v) for v in b.columns[group_column].to_pylist()]
+                dev = lk - mean_logits[None]
+                for m, mask in masks.items():
+                    preds[m].append(_small_ints((full - dev[:, mask].sum(1) if mask.any() else full).argmax(1), C))
         if not labels:
             raise InputError(f"no rows to evaluate in {st.uri}")
         return {"labels": np.concatenate(labels), "groups": groups if group_column else None,

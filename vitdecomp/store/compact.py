@@ -404,12 +404,90 @@ class CoefficientMoments:
         self.names = list(names)
         self.n = 0
         self.acc: dict = {}
+        self.shift: dict = {}           # add32: ("u"|"x", name) / ("o", "") → the float64 reference row subtracted
 
     def _add(self, key, value) -> None:
         self.acc[key] = value if key not in self.acc else self.acc[key] + value
 
+    def add32(self, coef: Mapping[str, np.ndarray], full: Mapping[str, np.ndarray], offset: Optional[np.ndarray],
+              layout: Optional[CompactLayout]) -> "CoefficientMoments":
+        """:meth:`add` for streamed blocks (:func:`vitdecomp.store.stream.stream_parts`, float64 or float32;
+        modified in place): each block is shifted by a fixed reference row (its first row seen) and its Gram
+        matrix is one BLAS product in the block's dtype whose ``[w, w]`` result is summed in float64;
+        :meth:`_plain` undoes the shift exactly in float64. The shift keeps the products at the scale of
+        the spread, not of the mean (what makes float32 blocks usable; tested)."""
+        from .stream import sum64
+
+        plain = bool(self.acc) and not self.shift      # float64 sums from add() already there: no shift
+        b = 0
+        use_off = offset is not None and layout is not None and any(layout.weight(n) for n in coef)
+
+        def shifted(kind: str, name: str, x: np.ndarray) -> np.ndarray:
+            key = (kind, name)
+            if plain:
+                return x
+            if key not in self.shift:
+                self.shift[key] = x[0].astype(np.float64)
+            x -= self.shift[key].astype(x.dtype)
+            return x
+
+        o = shifted("o", "", offset) if use_off else None
+        for n in self.names:
+            if n in coef:
+                u = shifted("u", n, coef[n])
+                b = u.shape[0]
+                self._add(("su", n), sum64(u))
+                self._add(("uu", n), (u.T @ u).astype(np.float64))
+                if layout.weight(n) and o is not None:
+                    self._add(("uo", n), (u.T @ o).astype(np.float64))
+            else:
+                x = shifted("x", n, full[n])
+                b = x.shape[0]
+                self._add(("sx", n), sum64(x))
+                self._add(("xx", n), (x.T @ x).astype(np.float64))
+        if o is not None:
+            self._add(("so", ""), sum64(o))
+            self._add(("oo", ""), (o.T @ o).astype(np.float64))
+        self.n += b
+        return self
+
+    def _plain(self) -> dict:
+        """The accumulators without :meth:`add32`'s shifts (float64): for ``a' = a − a₀``,
+        ``Σa bᵀ = Σa'b'ᵀ + a₀(Σb')ᵀ + (Σa')b₀ᵀ + n a₀b₀ᵀ`` and ``Σa = Σa' + n a₀``."""
+        sh = self.shift
+        if not sh:
+            return dict(self.acc)
+        a, n, out = self.acc, self.n, dict(self.acc)
+
+        def zero(like):
+            return np.zeros_like(like)
+
+        def second(skey, akey, a0, bkey, b0):
+            sa, sb = a[akey] if akey in a else None, a[bkey] if bkey in a else None
+            a0 = zero(sa) if a0 is None else a0
+            b0 = zero(sb) if b0 is None else b0
+            out[skey] = a[skey] + np.outer(a0, sb) + np.outer(sa, b0) + n * np.outer(a0, b0)
+
+        o0 = sh.get(("o", ""))
+        for name in self.names:
+            for kind, s1, s2 in (("u", "su", "uu"), ("x", "sx", "xx")):
+                if (s1, name) in a:
+                    z0 = sh.get((kind, name))
+                    second((s2, name), (s1, name), z0, (s1, name), z0)
+                    if kind == "u" and ("uo", name) in a:
+                        second(("uo", name), (s1, name), z0, ("so", ""), o0)
+                    if z0 is not None:
+                        out[(s1, name)] = a[(s1, name)] + n * z0
+        if ("so", "") in a:
+            second(("oo", ""), ("so", ""), o0, ("so", ""), o0)
+            if o0 is not None:
+                out[("so", "")] = a[("so", "")] + n * o0
+        return out
+
     def add(self, coef: Mapping[str, np.ndarray], full: Mapping[str, np.ndarray], offset: Optional[np.ndarray],
             layout: Optional[CompactLayout]) -> "CoefficientMoments":
+        if self.shift:
+            self.acc, self.shift = self._plain(), {}
         b = None
         for n in self.names:
             if n in coef:
@@ -434,7 +512,7 @@ class CoefficientMoments:
     def __add__(self, other: "CoefficientMoments") -> "CoefficientMoments":
         out = CoefficientMoments(self.names)
         out.n = self.n + other.n
-        for src in (self.acc, other.acc):
+        for src in (self._plain(), other._plain()):
             for k, v in src.items():
                 out._add(k, v)
         return out
@@ -442,7 +520,7 @@ class CoefficientMoments:
     def to_bytes(self) -> bytes:
         import pickle
 
-        return pickle.dumps((self.names, self.n, self.acc), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((self.names, self.n, self._plain()), protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CoefficientMoments":
@@ -458,17 +536,18 @@ class CoefficientMoments:
         K = len(self.names)
         s = np.zeros((K, d))
         xtx = np.zeros((K, d, d))
-        so, oo = self.acc.get(("so", "")), self.acc.get(("oo", ""))
+        acc = self._plain()
+        so, oo = acc.get(("so", "")), acc.get(("oo", ""))
         for k, n in enumerate(self.names):
-            if ("su", n) in self.acc:
+            if ("su", n) in acc:
                 Q = layout.bases[n].astype(np.float64)
                 w = layout.weight(n)
-                s[k] = Q @ self.acc[("su", n)]
-                xtx[k] = Q @ self.acc[("uu", n)] @ Q.T
+                s[k] = Q @ acc[("su", n)]
+                xtx[k] = Q @ acc[("uu", n)] @ Q.T
                 if w and so is not None:
-                    cross = Q @ self.acc[("uo", n)]
+                    cross = Q @ acc[("uo", n)]
                     s[k] += w * so
                     xtx[k] += w * (cross + cross.T) + w * w * oo
-            elif ("sx", n) in self.acc:
-                s[k], xtx[k] = self.acc[("sx", n)], self.acc[("xx", n)]
+            elif ("sx", n) in acc:
+                s[k], xtx[k] = acc[("sx", n)], acc[("xx", n)]
         return self.n, s, xtx
