@@ -4,8 +4,9 @@
   classifier's test worst-group accuracy by at least 5 points;
 - the component that ranking puts first is a background component in the planted sense: mean-ablating
   it alone raises the test worst-group accuracy;
-- the tiny CLIP's head that carries the background most specifically (CompAttribute's specific rank on
-  its own decomposition) has a background word as its first TextSpan text.
+- the tiny CLIP's head that CompAttribute ranks first for the background on its own decomposition (each
+  score option: specific, correlation, variance-share) has a background word as its first TextSpan text
+  (strict xfail: it does not hold for the shipped tiny CLIP with any score; see the test's comment).
 """
 from __future__ import annotations
 
@@ -47,28 +48,41 @@ def test_the_first_ranked_component_is_a_background_component(world):
     assert r["top1"]["worst"] > r["before"]["worst"], (r["top1"], r["before"])
 
 
-@pytest.mark.xfail(strict=True, reason="does not hold for the shipped tiny CLIP: its head that carries the "
-                   "background most specifically (resblocks.0.attn.head.1) has 'a dotted circle' first; only "
-                   "resblocks.3.attn.head.3 names a scene first. Its text tower barely separates the properties "
-                   "(README, the toy world's CompAttribute diagnosis); fixing it means retraining the tiny CLIP")
-def test_the_clips_background_head_names_a_background_first(world):
+@pytest.fixture(scope="module")
+def clip_own(world):
+    """The tiny CLIP's own decomposition of the test split, its component names and the pool's embeddings."""
     from vitdecomp.benchmark import _decompose_split
+    from vitdecomp.fit.text import encode_texts
+
+    clip = world["clip"]
+    contrib, _ = _decompose_split(clip, world["dir"], "test")
+    return {"contrib": contrib, "names": [c.name for c in vd.components_for(clip)],
+            "pool": vocabulary_pool(), "pool_emb": encode_texts(clip, vocabulary_pool())}
+
+
+# Measured with the shipped tiny CLIP on the default world's test split (README, the toy world's
+# CompAttribute diagnosis; `benchmark toyworld`): the head each score ranks first for the background and TextSpan's first text for it — specific:
+# resblocks.0.attn.head.1 'a dotted circle'; correlation: resblocks.3.attn.head.2 'a small triangle';
+# variance-share: resblocks.2.attn.head.1 'a blue square' (its second text is 'a shape on forest'). Only
+# resblocks.3.attn.head.3 of the 16 heads names a scene first, and no score ranks it first.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="does not hold for the shipped tiny CLIP with any CompAttribute score: its "
+                   "text tower barely separates the properties (README, the toy world's CompAttribute diagnosis); "
+                   "making it hold means retraining the tiny CLIP")
+@pytest.mark.parametrize("score", ["specific", "correlation", "variance-share"])
+def test_the_clips_background_head_names_a_background_first(world, clip_own, score):
     from vitdecomp.fit.text import encode_texts
     from vitdecomp.fit.textspan import Moments, textspan_one
     from vitdecomp.query.compattribute import Sums, basis, scores
     from vitdecomp.toyworld.demo import WORLD_PROPERTIES
 
-    clip = world["clip"]
-    contrib, _ = _decompose_split(clip, world["dir"], "test")
-    names = [c.name for c in vd.components_for(clip)]
+    clip, contrib, names = world["clip"], clip_own["contrib"], clip_own["names"]
     props = list(WORLD_PROPERTIES)
     qs = [basis(encode_texts(clip, WORLD_PROPERTIES[p])) for p in props]
-    sc = scores(Sums.of(contrib.astype(np.float64), np.concatenate(qs)), [len(q) for q in qs])
+    sc = scores(Sums.of(contrib.astype(np.float64), np.concatenate(qs)), [len(q) for q in qs], score)
     bg = props.index("world background")
-    specific = sc[:, bg] - np.maximum(0, np.delete(sc, bg, axis=1).max(1))
     heads = [k for k, n in enumerate(names) if ".head." in n]
-    top = max(heads, key=lambda k: specific[k])
-    pool = vocabulary_pool()
+    top = max(heads, key=lambda k: sc[k, bg])
+    pool = clip_own["pool"]
     mo = Moments.of(contrib[:, top:top + 1].astype(np.float64))
-    first = pool[textspan_one(mo.n, mo.mean[0], mo.xtx[0], encode_texts(clip, pool), m=1, rank=32).picks[0]]
+    first = pool[textspan_one(mo.n, mo.mean[0], mo.xtx[0], clip_own["pool_emb"], m=1, rank=32).picks[0]]
     assert set(first.split()) & BACKGROUND_WORDS, (names[top], first)

@@ -442,6 +442,7 @@ class CompAttributeConfig(TextModelOptions, OutputOptions, StoreOptions):
     components: Optional[list[str]] = None
     aligner: Optional[str] = None
     distributed: bool = True
+    score: Literal["correlation", "specific", "variance-share"] = "correlation"
 
     def validate(self) -> None:
         super().validate()
@@ -511,6 +512,7 @@ class MitigateConfig(HeadOptions):
     properties: Optional[str] = None
     k: int = 10
     ranking: Literal["compattribute", "signed"] = "compattribute"
+    score: Literal["correlation", "specific", "variance-share"] = "correlation"
     protocol: Literal["heldout", "same-pool"] = "heldout"
     fit_split: Optional[list[str]] = None
     eval_split: Optional[list[str]] = None
@@ -526,6 +528,9 @@ class MitigateConfig(HeadOptions):
         local_file(self, "properties", "yaml")
         if self.random_draws < 0:
             raise OptionError("random_draws", f"must not be negative, got {self.random_draws!r}")
+        if self.ranking == "signed" and self.score != "correlation":
+            raise OptionError("score", f"{self.score!r} is a CompAttribute score: it applies to the compattribute "
+                                       "ranking only (drop it, or use ranking compattribute)")
         import re
 
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):

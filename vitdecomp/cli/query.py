@@ -26,6 +26,9 @@ HELP = {
     "index": "retrieve --image-ids: auto (a Lance vector index from --index-threshold rows), exact or lance",
     "index_threshold": "retrieve: rows from which auto builds the Lance IVF index (default 100000)",
     "nprobes": "retrieve: IVF partitions searched (default: Lance's)",
+    "score": "compattribute: correlation (the published mean Pearson correlation; default), specific (minus the "
+             "largest other property's score, if positive) or variance-share (covariance with the total / its "
+             "variance); docs/method.md, “CompAttribute”",
 }
 
 
@@ -56,6 +59,8 @@ ABLATION_HELP = {
     "ranking": "mitigate: compattribute (CompAttribute of the spurious property − of the core one) or signed "
                "(signed logit push towards the class the group predicts; needs labels on the fit rows); formulas in "
                "docs/method.md, “Spurious-feature mitigation”",
+    "score": "mitigate --ranking compattribute: the CompAttribute score, correlation (published; default), "
+             "specific or variance-share (docs/method.md, “CompAttribute”)",
     "protocol": "mitigate: heldout (choose on --fit-split, evaluate on --eval-split) or same-pool (the published "
                 "protocol: choose and evaluate on the same rows)",
     "val_fraction": "without --split-column: fraction of ids (by hash) used to choose components",

@@ -32,7 +32,9 @@ HELP = {
     "properties": "YAML/JSON name: [descriptions…] added to the default properties",
     "spurious": "the spurious property", "core": "the core property",
     "k": "components mean-ablated (published: 10)",
-    "ranking": "compattribute (published) or signed", "random_draws": "random k-sets as a control",
+    "ranking": "compattribute (published) or signed",
+    "score": "the CompAttribute score of --ranking compattribute: correlation (published; default), specific or "
+             "variance-share (docs/method.md, “CompAttribute”)", "random_draws": "random k-sets as a control",
     "protocol": "heldout: choose on the validation split, measure on test; same-pool: the published protocol "
                 "(choose and measure on test)",
     "labels": "imagenet-ablation, flat layout: the labels file (default: <root>/LOC_val_solution.csv)",

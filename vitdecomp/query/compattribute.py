@@ -7,6 +7,12 @@ their embeddings from a reduced QR in the given order. For component ``k`` and d
 
 (the published code's value is (N−1)/N times this). Only the sums ``n, Σs, Σs², Σp, Σp², Σsp`` per
 (k, a) are needed: they merge across Ray workers, so one pass scores any number of properties.
+
+``score=`` (docs/method.md “CompAttribute”, “Score options”) turns the same sums into one of
+:data:`SCORES`: ``"correlation"`` (the published score above, the default), ``"specific"``
+(``v_i − max(0, max_{j≠i} v_j)`` over the scored properties) or ``"variance-share"``
+(``mean_a Cov_x(s_a, p_ka) / Var_x(s_a)``: the component's share of the total's variance along ``q_a``;
+it sums to 1 over every component).
 """
 from __future__ import annotations
 
@@ -92,15 +98,35 @@ class Sums:
         den = np.sqrt(np.clip(vs[None] * vp, 0, None))
         return np.where(den > 0, cov / np.where(den > 0, den, 1), 0.0)
 
+    def variance_share(self) -> np.ndarray:
+        """``[K, A]`` ``Cov(s_a, p_ka) / Var(s_a)`` over the images (0 where ``Var(s_a)`` is 0)."""
+        n = self.n
+        cov = self.sp - self.s[None] * self.p / n
+        vs = np.broadcast_to(self.s2 - self.s ** 2 / n, cov.shape)
+        return np.where(vs > 0, cov / np.where(vs > 0, vs, 1), 0.0)
 
-def scores(sums: Sums, sizes: Sequence[int]) -> np.ndarray:
-    """``[K, P]``: mean over each property's directions (``sizes`` = directions per property)."""
-    r = sums.pearson()
+
+SCORES = ("correlation", "specific", "variance-share")
+
+
+def scores(sums: Sums, sizes: Sequence[int], score: str = "correlation") -> np.ndarray:
+    """``[K, P]``: mean over each property's directions (``sizes`` = directions per property) of the
+    Pearson correlation (``score="correlation"``, the published score, and ``"specific"``, which then
+    subtracts ``max(0, max_{j≠i} v_j)`` over the other properties) or of the variance share
+    (``"variance-share"``)."""
+    if score not in SCORES:
+        raise InputError(f"unknown CompAttribute score {score!r}; choose one of {', '.join(SCORES)}")
+    r = sums.variance_share() if score == "variance-share" else sums.pearson()
     out, a = [], 0
     for m in sizes:
         out.append(r[:, a:a + m].mean(1))
         a += m
-    return np.stack(out, 1)
+    v = np.stack(out, 1)
+    if score == "specific":
+        rest = [np.maximum(0.0, np.delete(v, i, axis=1).max(1)) if v.shape[1] > 1 else np.zeros(len(v))
+                for i in range(v.shape[1])]
+        v = v - np.stack(rest, 1)
+    return v
 
 
 def read_properties(path: Optional[str], s3=None) -> dict[str, list[str]]:
@@ -124,7 +150,7 @@ def compattribute(store: ContributionSource, clip=None,
                   properties: Optional[Mapping[str, Union[Sequence[str], np.ndarray]]] = None, *,
                   components: Optional[Sequence[str]] = None, aligner=None, distributed: bool = True,
                   cache_dir: Optional[str] = None, batch_size: int = 1024, ids: Optional[Sequence[str]] = None,
-                  names: Optional[Sequence[str]] = None):
+                  names: Optional[Sequence[str]] = None, score: str = "correlation"):
     """Score every component against every property in one pass; returns (table, [K, P] scores, names).
 
     Args:
@@ -140,6 +166,8 @@ def compattribute(store: ContributionSource, clip=None,
         aligner: a CompAlign aligner mapping the contributions into its teacher's CLIP space first.
         distributed: a store's sums with Ray Data (without an aligner or ``ids``); else in this process.
         ids: a store's rows to use (e.g. a validation split).
+        score: one of :data:`SCORES` — ``"correlation"`` (default; the published score), ``"specific"``
+            (minus the largest positive score of another property) or ``"variance-share"``.
 
     The table has one row per (component, property): component, property, score.
     """
@@ -148,6 +176,8 @@ def compattribute(store: ContributionSource, clip=None,
     properties = DEFAULT_PROPERTIES if properties is None else properties
     if not properties:
         raise InputError("no properties to score")
+    if score not in SCORES:
+        raise InputError(f"unknown CompAttribute score {score!r}; choose one of {', '.join(SCORES)}")
     from_store = is_store(store)
     if from_store:
         if names is not None:
@@ -199,14 +229,15 @@ def compattribute(store: ContributionSource, clip=None,
                                  ids=ids):
             s = Sums.of(b.contributions[:, idx], dirs, b.contributions.sum(1))
             sums = s if sums is None else sums + s
-    elif aligner is None and getattr(store, "layout", "full") == "compact":   # in coefficient space
+    elif aligner is None:             # either layout, in coefficient space: streamed float64 blocks
         from ..store.compact import CoefficientMap
+        from ..store.stream import blas_threads, stream_parts
 
         cmap = CoefficientMap(store.compact_layout, names, dirs)
-        for b in store.iter_batches(components=names, batch_size=batch_size, dtype=np.float64, ids=ids,
-                                    coefficients=True):
-            s = Sums.of_projections(cmap(b.coefficients, b.full, b.offset), b.readout @ dirs.T if subset else None)
-            sums = s if sums is None else sums + s
+        with blas_threads():
+            for b in stream_parts(store, names, readout=subset, ids=ids, dtype=np.float64):
+                s = Sums.of_projections(cmap(b.coef, b.full, b.offset), b.readout @ dirs.T if subset else None)
+                sums = s if sums is None else sums + s
     else:
         for b in aligned_batches(store, aligner, components=names, batch_size=batch_size, dtype=np.float64,
                                  ids=ids):
@@ -214,7 +245,7 @@ def compattribute(store: ContributionSource, clip=None,
             sums = s if sums is None else sums + s
     if sums is None:
         raise InputError(f"{store.uri} holds no rows")
-    sc = scores(sums, sizes)
+    sc = scores(sums, sizes, score)
     rows = [{"component": n, "property": p, "score": float(sc[k, j])}
             for k, n in enumerate(names) for j, p in enumerate(bases)]
     return pa.Table.from_pylist(rows), sc, names
@@ -281,7 +312,8 @@ def _distributed_sums(store, names, dirs, batch_size, with_readout: bool = False
     return total
 
 
-def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], title: str = "CompAttribute"):
+def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], title: str = "CompAttribute",
+            label: str = "mean Pearson correlation"):
     """The ``[K, P]`` scores as a matplotlib figure (components × properties); the job saves it
     through its output directory (:meth:`vitdecomp.io.OutputDir.savefig`)."""
     import matplotlib
@@ -295,6 +327,6 @@ def heatmap(sc: np.ndarray, names: Sequence[str], props: Sequence[str], title: s
     ax.set_xticks(range(len(props)), props, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="mean Pearson correlation")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     return fig

@@ -39,6 +39,11 @@ def _output(cfg) -> OutputDir:
 
 
 # ----------------------------------------------------------------------------- compattribute
+_SCORE_WHAT = {"correlation": "mean Pearson correlation",
+               "specific": "mean Pearson correlation minus the largest other property's (if positive)",
+               "variance-share": "mean share of the total's variance (covariance / variance of the total)"}
+
+
 def run_compattribute(cfg: CompAttributeConfig) -> dict:
     """CompAttribute of every component (or ``cfg.components``) for every property."""
     from ..engine.names import select
@@ -52,20 +57,22 @@ def run_compattribute(cfg: CompAttributeConfig) -> dict:
     if cfg.components:
         select(aligner.names if aligner else st.names, cfg.components)        # unknown names: close matches
     table, sc, names = compattribute(st, clip, props, components=cfg.components, aligner=aligner,
-                                     distributed=cfg.distributed, cache_dir=cfg.text_cache)
+                                     distributed=cfg.distributed, cache_dir=cfg.text_cache, score=cfg.score)
     out = _output(cfg)
     out.write_parquet("compattribute.parquet", table)
+    what = _SCORE_WHAT[cfg.score]
     png = out.savefig("compattribute.png", heatmap(sc, names, list(props),
-                                                   f"CompAttribute — {st.manifest['model']['name']}"), dpi=120)
+                                                   f"CompAttribute ({cfg.score}) — {st.manifest['model']['name']}",
+                                                   label=what), dpi=120)
     top = {p: names[int(sc[:, j].argmax())] for j, p in enumerate(props)}
     out.write_json("compattribute.json", {"store": st.uri, "properties": props, "top_component": top,
-                                          "aligner": cfg.aligner})
+                                          "aligner": cfg.aligner, "score": cfg.score})
     write_section(out, "compattribute", "CompAttribute: components × properties", order=10,
-                  summary=f"Mean Pearson correlation, over the {st.count()} images of the store, between each "
-                          "component's projection and the (aligned) total's projection on each property's "
-                          "orthonormalised description embeddings (docs/method.md, “CompAttribute”).",
+                  summary=f"{what[0].upper() + what[1:]} (score {cfg.score!r}), over the {st.count()} images of the "
+                          "store, of each component's projection with the (aligned) total's projection on each "
+                          "property's orthonormalised description embeddings (docs/method.md, “CompAttribute”).",
                   facts={"store": st.uri, "model": st.manifest["model"]["name"], "aligner": cfg.aligner or "none",
-                         "components": len(names), "properties": len(props),
+                         "score": cfg.score, "components": len(names), "properties": len(props),
                          **{f"top component: {p}": f"{c} ({sc[names.index(c), j]:+.3f})"
                             for j, (p, c) in enumerate(top.items())}},
                   images=[("compattribute.png",
@@ -291,7 +298,7 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
         clip = resolve_text_model(st, aligner, cfg, what="CompAttribute ranking")
         score_names = aligner.names if aligner is not None else st.names
         _, sc, _ = compattribute(st, clip, {p: props[p] for p in (cfg.spurious, cfg.core)}, aligner=aligner,
-                                 ids=fit_ids, cache_dir=cfg.text_cache, components=score_names)
+                                 ids=fit_ids, cache_dir=cfg.text_cache, components=score_names, score=cfg.score)
         by = {n: i for i, n in enumerate(score_names)}
         scores = np.array([sc[by[n], 0] - sc[by[n], 1] if n in by else -np.inf for n in names])
         comps = [{"component": n, "spurious": float(sc[by[n], 0]), "core": float(sc[by[n], 1]),
@@ -316,7 +323,8 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
     png = out.savefig(f"{nm}.png", plot_mitigation(
         res, f"Spurious mitigation — top {cfg.k} by {cfg.ranking} ({cfg.protocol})"), dpi=110)
     b, a = res["before"], res["after"]
-    summary = {"store": st.uri, "head": head.kind, "ranking": cfg.ranking, "protocol": cfg.protocol, "k": cfg.k,
+    summary = {"store": st.uri, "head": head.kind, "ranking": cfg.ranking,
+               **({"score": cfg.score} if cfg.ranking == "compattribute" else {}), "protocol": cfg.protocol, "k": cfg.k,
                "fit_rows": len(fit_ids), "eval_rows": len(eval_ids), "ablated": res["ablated"],
                "worst_group": {"before": b["worst"], "after": a["worst"],
                                **({"random": res["random"]["worst"]} if "random" in res else {})},
@@ -328,7 +336,8 @@ def run_mitigate(cfg: MitigateConfig) -> dict:
            f"published protocol: components, means and accuracy all on the same {len(eval_ids)} rows")
     report = _section(out, nm, f"Spurious-feature mitigation ({cfg.ranking} ranking, {cfg.protocol})", 40,
                       f"Top {cfg.k} components by {cfg.ranking} "
-                      + (f"(CompAttribute({cfg.spurious}) − CompAttribute({cfg.core})) " if cfg.ranking == "compattribute"
+                      + (f"(CompAttribute({cfg.spurious}) − CompAttribute({cfg.core}), score {cfg.score!r}) "
+                         if cfg.ranking == "compattribute"
                          else "(signed push towards the class the group predicts) ")
                       + f"mean-ablated; {how}. 'random' averages {cfg.random_draws} random {cfg.k}-sets (a control).",
                       {"worst group before": round(b["worst"], 4), "worst group after": round(a["worst"], 4),

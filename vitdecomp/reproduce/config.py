@@ -67,6 +67,7 @@ class WaterbirdsConfig(ReproduceOptions):
     core: str = "Waterbirds core"
     k: int = 10
     ranking: Literal["compattribute", "signed"] = "compattribute"
+    score: Literal["correlation", "specific", "variance-share"] = "correlation"
     protocol: Literal["heldout", "same-pool"] = "heldout"
     random_draws: int = 5
 
@@ -78,6 +79,9 @@ class WaterbirdsConfig(ReproduceOptions):
             raise OptionError("random_draws", f"must not be negative, got {self.random_draws!r}")
         if self.align_lr <= 0:
             raise OptionError("align_lr", f"must be positive, got {self.align_lr!r}")
+        if self.ranking == "signed" and self.score != "correlation":
+            raise OptionError("score", f"{self.score!r} is a CompAttribute score: it applies to the compattribute "
+                                       "ranking only (drop it, or use ranking compattribute)")
 
 
 @dataclass(frozen=True)

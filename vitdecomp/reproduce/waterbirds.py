@@ -141,7 +141,7 @@ def run(cfg: WaterbirdsConfig) -> dict:
             store=store, out=os.path.join(out, "query", "waterbirds", s.key), label_column="y", group_column="place",
             class_names=classes, head=cfg.head, checkpoint=s.checkpoint if cfg.head == "model" else None,
             aligner=aligner, properties=props, spurious=spurious, core=core, k=cfg.k, ranking=cfg.ranking,
-            protocol=cfg.protocol, split_column="split", fit_split=fit, eval_split=evl,
+            score=cfg.score, protocol=cfg.protocol, split_column="split", fit_split=fit, eval_split=evl,
             random_draws=cfg.random_draws, seed=cfg.seed, clip_checkpoint=clip_ck, cache_dir=cfg.cache_dir))
         sm = mitigation[s.key] = r["summary"]
         before, after = PUBLISHED.get(s.key, (None, None))
