@@ -122,6 +122,18 @@ class AttentionRule:
         return [self.out_proj().register_forward_pre_hook(lambda _, args: sink(args[0]))]
 
 
+def emit(ctx, sink: Callable[[AttnResult], None], cap: dict, out: Tensor, split: Callable[[AttnResult], None]) -> None:
+    """The end of a static-readout attention hook: pool the branch output ``out [B, N, D]`` at the readout,
+    let ``split(result)`` fill the heads (and tokens) when heads are asked for, clear ``cap`` and hand
+    the result to ``sink``."""
+    with ctx.exact():
+        res = AttnResult(branch=ctx.pooling.pool(out.to(ctx.dtype)))
+        if ctx.heads:
+            split(res)
+    cap.clear()
+    sink(res)
+
+
 def _no_mask(path: str, kwargs: dict, *names: str) -> None:
     for n in names:
         if kwargs.get(n) not in (None, False):
@@ -166,13 +178,7 @@ class TimmAttention(AttentionRule):
             cap["norm_in"] = args[0]
 
         def post(_, __, out):
-            with ctx.exact():
-                x = out.to(ctx.dtype)
-                res = AttnResult(branch=ctx.pooling.pool(x))
-                if ctx.heads:
-                    self._split(ctx, cap, res, x.shape[1], k_plain)
-            cap.clear()
-            sink(res)
+            emit(ctx, sink, cap, out, lambda res: self._split(ctx, cap, res, out.shape[1], k_plain))
 
         handles = [m.register_forward_pre_hook(pre, with_kwargs=True),
                    m.q_norm.register_forward_hook(on_q),
@@ -268,12 +274,7 @@ class MultiheadAttentionRule(AttentionRule):
 
         def post(_, __, out):
             y = out[0] if m.batch_first else out[0].transpose(0, 1)
-            with ctx.exact():
-                res = AttnResult(branch=ctx.pooling.pool(y.to(ctx.dtype)))
-                if ctx.heads:
-                    self._split(ctx, cap["x"].to(ctx.dtype), res)
-            cap.clear()
-            sink(res)
+            emit(ctx, sink, cap, y, lambda res: self._split(ctx, cap["x"].to(ctx.dtype), res))
 
         return [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post)]
 
@@ -378,12 +379,7 @@ def _register_eva() -> None:
                 cap["o"] = args[0]
 
             def post(_, __, out):
-                with ctx.exact():
-                    res = AttnResult(branch=ctx.pooling.pool(out.to(ctx.dtype)))
-                    if ctx.heads:
-                        self._split(ctx, cap, res, out.shape[1])
-                cap.clear()
-                sink(res)
+                emit(ctx, sink, cap, out, lambda res: self._split(ctx, cap, res, out.shape[1]))
 
             return [m.register_forward_pre_hook(pre, with_kwargs=True),
                     target.register_forward_pre_hook(on_heads), m.register_forward_hook(post)]

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ...errors import UnsupportedModuleError
 from .affine import NormSpec, layernorm_stats
-from .attention import AttentionRule, AttnResult, _no_mask, out_project, pooled_head_values, readout_rows
+from .attention import (AttentionRule, AttnResult, _no_mask, emit as emit_result, out_project, pooled_head_values,
+                        readout_rows)
 from .blocks import BlockRule, _gain, _make
 from .models import ModelPlan, _blocks, _fixed_size_check, _norm, _patch_grid, _size_check
 from .pool import Pooling
@@ -96,12 +97,7 @@ class ProjInputAttention(AttentionRule):
             cap["o"] = args[0]
 
         def emit(out):
-            with ctx.exact():
-                res = AttnResult(branch=ctx.pooling.pool(out.to(ctx.dtype)))
-                if ctx.heads:
-                    self._split(ctx, cap, res, out.shape[1])
-            cap.clear()
-            sink(res)
+            emit_result(ctx, sink, cap, out, lambda res: self._split(ctx, cap, res, out.shape[1]))
 
         hs = [m.register_forward_pre_hook(pre, with_kwargs=True), self.proj.register_forward_pre_hook(on_proj)]
         if self.post is None:
