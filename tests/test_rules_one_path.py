@@ -11,6 +11,7 @@ from torch import nn
 
 import vitdecomp as vd
 from timm.layers import Attention
+from timm.models.cait import ClassAttn
 from vitdecomp.engine.rules import RuleContext, register_rule
 from vitdecomp.engine.rules.attention import TimmAttention
 from vitdecomp.errors import UnsupportedModuleError
@@ -212,3 +213,38 @@ def test_rule_context_is_public_and_documented():
     mu, sigma = affine.layernorm_stats(x, affine.NormSpec("layernorm", eps=1e-6))
     torch.testing.assert_close(mu[:, 0], x.mean(-1))
     torch.testing.assert_close(sigma[:, 0], (x.var(-1, unbiased=False) + 1e-6).sqrt())
+
+
+class MyClassAttn(ClassAttn):
+    """CaiT's class attention, as a user's subclass (same computation, its own forward)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_cait_class_attention_resolves_through_the_registry():
+    """CaiT's class-attention blocks are found along the MRO like every other block: a subclass without a
+    rule is refused with its path; once registered, its values equal the built-in rule's."""
+    import timm
+    from vitdecomp.engine.rules.attention import _PositionsOnly
+    from vitdecomp.engine.rules.registry import _RULES
+
+    torch.manual_seed(0)
+    m = timm.create_model("cait_xxs24_224", pretrained=False, embed_dim=48, num_heads=3, depth=2, img_size=48,
+                          depth_token_only=2).double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = vd.decompose(m, x)
+    old = m.blocks_token_only[1].attn
+    new = MyClassAttn(48, num_heads=3, qkv_bias=True).double().eval()
+    new.load_state_dict(old.state_dict())
+    m.blocks_token_only[1].attn = new
+    with pytest.raises(UnsupportedModuleError, match=r"blocks_token_only\.1\.attn.*MyClassAttn"):
+        vd.decompose(m, x)
+    register_rule("attention", MyClassAttn)(
+        lambda path, mod: _PositionsOnly(path, mod, mod.num_heads, mod.proj.in_features // mod.num_heads))
+    try:
+        d = vd.decompose(m, x)
+    finally:
+        _RULES["attention"].pop(MyClassAttn)
+    assert d.names == ref.names
+    torch.testing.assert_close(d.contributions, ref.contributions, rtol=0, atol=1e-12)

@@ -294,17 +294,22 @@ def _post_norm_block(path: str, module: nn.Module) -> BlockRule:
 
 # -------------------------------------------------------------------------------- EVA post-norm
 def _register_eva_post_norm() -> None:
-    from timm.models.eva import EvaAttention, EvaBlockPostNorm
+    from timm.models.eva import EvaBlockPostNorm
 
     class EvaPostNormAttention(ProjInputAttention):
         """``EvaAttention`` inside a post-norm block (rotary embeddings; no sub-norm)."""
 
         def __init__(self, path: str, module: nn.Module):
+            inner = rule_for("attention", path, module)(path, module)      # the registry decides (MRO)
+            if not hasattr(inner, "_qkv"):
+                raise UnsupportedModuleError(f"{path}: {type(module).__qualname__} inside a post-norm EVA block needs "
+                                             "an attention rule that recomputes queries and keys (timm's "
+                                             "EvaAttention rule does)")
             super().__init__(path, module, module.num_heads, module.head_dim)
             if not isinstance(module.norm, nn.Identity):
                 raise UnsupportedModuleError(f"{path}.norm: an attention sub-norm inside a post-norm EVA block is "
                                              "not supported yet")
-            self.inner = rule_for("attention", path, module)(path, module)
+            self.inner = inner
 
         def rows(self, cap, pos, w, dt):
             rope = cap["kw"].get("rope", cap["args"][0] if cap["args"] else None)
@@ -314,8 +319,6 @@ def _register_eva_post_norm() -> None:
     @register_rule("block", EvaBlockPostNorm)
     def eva_post_norm_block(path: str, module: nn.Module) -> BlockRule:
         """EVA post-norm block: ``x + dp1(n1(attn(x)))``, ``x + dp2(n2(mlp(x)))``."""
-        if type(module.attn) is not EvaAttention:
-            raise UnsupportedModuleError(f"{path}.attn: {type(module.attn).__qualname__} is not timm's EvaAttention")
         attn_path = f"{path}.attn"
         rule = EvaPostNormAttention(attn_path, module.attn).with_post_norm(f"{path}.norm1", module.norm1)
         rule_for("norm", f"{path}.norm2", module.norm2)
@@ -740,6 +743,19 @@ def _register_deit() -> None:
 def _register_cait() -> None:
     from timm.models.cait import Cait, ClassAttn, LayerScaleBlockClassAttn
 
+    @register_rule("attention", ClassAttn)
+    def class_attention(path: str, module: nn.Module) -> AttentionRule:
+        """CaiT class attention (the class token's query over ``[cls, patches]``): heads meet only in
+        ``proj``; used inside CaiT's per-position plan (one position, the class token)."""
+        from .attention import _PositionsOnly
+
+        return _PositionsOnly(path, module, module.num_heads, module.proj.in_features // module.num_heads)
+
+    @register_rule("block", LayerScaleBlockClassAttn)
+    def class_attention_block(path: str, module: nn.Module) -> BlockRule:
+        """``x_cls += dp(γ1 ⊙ attn(n1([x_cls, x])))``, ``x_cls += dp(γ2 ⊙ mlp(n2(x_cls)))``."""
+        return _make(path, module, "attn", "mlp", ("drop_path",), ("drop_path",), module.gamma_1, module.gamma_2)
+
     @register_rule("model", Cait)
     def cait(m: nn.Module) -> SpatialPlan:
         """CaiT: the readout is the class token after the final norm, ``z = LN(x_cls)`` (``global_pool='token'``).
@@ -759,27 +775,13 @@ def _register_cait() -> None:
         if final.kind not in ("layernorm", "rmsnorm"):
             raise UnsupportedModuleError(f"norm: final norm of kind {final.kind} is not supported for CaiT")
         rule_for("scale", "head_drop", m.head_drop)
+        from .families import block_units
+
         blocks, units = [], []
         for i, blk in enumerate(m.blocks_token_only):
             path = f"blocks_token_only.{i}"
-            if type(blk) is not LayerScaleBlockClassAttn or type(blk.attn) is not ClassAttn:
-                raise UnsupportedModuleError(f"{path}: {type(blk).__qualname__} is not timm's LayerScaleBlockClassAttn "
-                                             "with ClassAttn")
             blocks.append((i, path, blk))
-            a = blk.attn
-
-            def attn_hooks(store, key, *_ctx, a=a):
-                return [a.proj.register_forward_pre_hook(lambda _, args: store.__setitem__(key, args[0]))]
-
-            def mlp_hooks(store, key, *_ctx, blk=blk):
-                return [blk.mlp.register_forward_hook(lambda _, __, out: store.__setitem__(key, out))]
-
-            dp = _gain(path, ("drop_path", blk.drop_path))
-            g1 = blk.gamma_1 if dp is None else blk.gamma_1 * dp
-            g2 = blk.gamma_2 if dp is None else blk.gamma_2 * dp
-            units.append(Unit("attn", f"{path}.attn", "attn", i, 0, attn_hooks, g1, a.num_heads,
-                              a.proj.in_features // a.num_heads, a.proj))
-            units.append(Unit("branch", f"{path}.mlp", "mlp", i, 0, mlp_hooks, g2))
+            units += block_units(rule_for("block", path, blk)(path, blk), i, 0)
         if not blocks:
             raise UnsupportedModuleError("blocks_token_only: CaiT without class-attention blocks is not decomposed")
         pe = m.patch_embed
