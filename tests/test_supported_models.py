@@ -24,7 +24,13 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 @functools.lru_cache(maxsize=None)
 def stand_in(family: str, dtype: torch.dtype = torch.float32) -> vd.LoadedModel:
     name, kw = FAMILIES[family]
-    return vd.load_model(name, pretrained=False, dtype=dtype, seed=0, **kw)
+    lm = vd.load_model(name, pretrained=False, dtype=dtype, seed=0, **kw)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # zero-initialised norm γ (Swin V2's post-norms) would make every branch vanish
+        for n, p in lm.model.named_parameters():
+            if "norm" in n and n.endswith("weight") and not p.any():
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return lm
 
 
 def images(lm, dtype, batch: int = 2) -> torch.Tensor:
@@ -228,7 +234,7 @@ def hand_head(lm, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     kind = type(m).__name__
     chains = {"VisionTransformer": chain_timm_vit, "VisionTransformerDistilled": chain_timm_vit, "Eva": chain_timm_vit,
               "Beit": chain_timm_vit, "VisionTransformerRelPos": chain_timm_vit, "Cait": chain_timm_vit,
-              "SwinTransformer": chain_swin,
+              "SwinTransformer": chain_swin, "SwinTransformerV2": chain_swin,
               "MaxxVit": chain_maxvit}
     if kind not in chains:
         pytest.skip(f"no hand formula for {kind}: extend hand_head() in tests/test_supported_models.py")
@@ -237,9 +243,11 @@ def hand_head(lm, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     except AttributeError:
         pytest.skip(f"{head.path} is not a module (parallel block): extend hand_head() for it")
     block = m.get_submodule(head.path.rsplit(".", 1)[0])
-    post_norm = type(block).__name__ in ("ResPostRelPosBlock", "EvaBlockPostNorm")   # x + LN(attn(x))
+    post_norm = type(block).__name__ in ("ResPostRelPosBlock", "EvaBlockPostNorm",  # x + LN(attn(x))
+                                         "SwinTransformerV2Block")
     if type(m.get_submodule(head.path)).__name__ not in ("Attention", "EvaAttention", "RelPosAttention",
-                                                         "WindowAttention", "AttentionCl", "ClassAttn"):
+                                                         "WindowAttention", "AttentionCl", "ClassAttn",
+                                                         "AttentionRope"):
         pytest.skip(f"no hand formula for {type(block).__name__}/{type(m.get_submodule(head.path)).__name__}: "
                     "extend hand_head() in tests/test_supported_models.py")
     u = head_in_stream(m, head.path, 1, x)
@@ -248,8 +256,8 @@ def hand_head(lm, x: torch.Tensor) -> tuple[str, torch.Tensor]:
         attn = m.get_submodule(head.path)
         if attn.proj.bias is not None:
             u = u + attn.proj.bias / attn.num_heads
-        branch = captured_inputs(m, [f"{block_path(head.path)}.norm1"], x)
-        u = ln_centered(block.norm1, u, next(iter(branch.values())))
+        branch = next(iter(captured_inputs(m, [f"{block_path(head.path)}.norm1"], x).values()))
+        u = ln_centered(block.norm1, u, branch.reshape(u.shape[0], -1, branch.shape[-1]))   # NHWC (Swin V2)
     return head.name, chains[kind](m, u, x)
 
 

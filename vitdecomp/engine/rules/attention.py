@@ -428,4 +428,43 @@ def _register_eva() -> None:
     return EvaAttentionRule
 
 
-_register_eva()
+EvaAttentionRule = _register_eva()
+
+
+# ------------------------------------------------------------------------------- AttentionRope (Perception Encoder)
+def _register_rope() -> None:
+    from timm.layers import apply_rot_embed_cat
+    from timm.layers.attention import AttentionRope
+
+    @register_rule("attention", AttentionRope)
+    class AttentionRopeRule(EvaAttentionRule):
+        """timm ``AttentionRope`` (Perception Encoder blocks): ``EvaAttention``'s computation (rotary
+        embeddings after the q/k norms, optional ``scale_norm`` sub-norm) with the qkv bias inside the
+        fused Linear and optional grouped-query K/V heads (repeated per query head after the rotary
+        embedding, as timm does). Heads are read from the out-projection input as for EVA."""
+
+        def _qkv(self, x: Tensor, rope: Optional[Tensor], dt) -> tuple[Tensor, Tensor, Tensor]:
+            m, H, dh = self.module, self.num_heads, self.head_dim
+            B, N, _ = x.shape
+
+            def lin(p):
+                return F.linear(x, p.weight.to(dt), None if p.bias is None else p.bias.to(dt))
+            if m.qkv is not None:
+                q, k, v = lin(m.qkv).reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                kvh = m.num_kv_heads
+                q = lin(m.q_proj).reshape(B, N, H, dh).transpose(1, 2)
+                k, v = (lin(p).reshape(B, N, kvh, dh).transpose(1, 2) for p in (m.k_proj, m.v_proj))
+            q, k = m.q_norm(q), m.k_norm(k)
+            if rope is not None:
+                npt, half = m.num_prefix_tokens, getattr(m, "rotate_half", False)
+                rope = rope.to(dt)
+                q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+                k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+            if m.num_kv_groups > 1:
+                k = k.repeat_interleave(m.num_kv_groups, dim=1)
+                v = v.repeat_interleave(m.num_kv_groups, dim=1)
+            return q, k, v
+
+
+_register_rope()

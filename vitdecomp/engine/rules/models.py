@@ -161,11 +161,16 @@ def _register() -> None:
 
     @register_rule("model", Eva)
     def timm_eva(m: Eva) -> ModelPlan:
-        """EVA / EVA-02: rotary embeddings live in the attention rule; readout as for timm ViT."""
-        if m.attn_pool is not None:
-            raise UnsupportedModuleError("attn_pool: EVA with an attention-pool (MAP) head is not supported yet")
+        """EVA / EVA-02 / Perception Encoder: rotary embeddings live in the attention rule; readout as for
+        timm ViT. An attention-pool (MAP) head (PE core) is a per-position readout: the same plan as a
+        timm ViT's MAP head (:func:`~.families.vit_spatial_plan`, the ``pool`` rule of the pool)."""
         if getattr(m, "patch_drop", None) is not None:
             raise UnsupportedModuleError("patch_drop: EVA with patch dropout is not decomposed")
+        if m.attn_pool is not None:
+            from .families import vit_spatial_plan
+
+            plan = vit_spatial_plan(m, _size_check(m, "this timm EVA"), _patch_grid(m.patch_embed))
+            return with_post(plan, [], family="timm-eva-map")
         npt = m.num_prefix_tokens
         if m.global_pool == "token":
             if npt < 1 or m.cls_token is None:
