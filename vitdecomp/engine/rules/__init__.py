@@ -8,5 +8,6 @@ from .context import RuleContext
 from . import affine, attention, blocks, models, families  # noqa: E402,F401  (registrations)
 from . import vit_variants  # noqa: E402,F401  (DeiT distilled, BEiT, CaiT, RelPos, post-norm, diff, parallel)
 from . import open_clip_timm  # noqa: E402,F401  (open_clip TimmModel towers)
+from . import swin_v2  # noqa: E402,F401  (Swin Transformer V2)
 
 __all__ = ["ROLES", "RuleContext", "find_rule", "list_rules", "register_rule", "rule_for"]

@@ -56,6 +56,9 @@ def block_units(rule: BlockRule, index: int, level: int) -> list[Unit]:
     for br in rule.parts():
         if br.kind == "attn":
             a = br.attn
+            if getattr(a, "post", None) is not None:      # post-norm branch (Swin V2): frozen per-position σ
+                units.append(a.position_unit(br, index, level))
+                continue
             proj = _linear(f"{br.path}.proj", a.out_proj())
             units.append(Unit("attn", br.path, "attn", index, level, _attn_hooks(br), br.gain,
                               a.num_heads, a.head_dim, proj))
@@ -264,7 +267,7 @@ def _merge_weights(w_next: Tensor, inv: Tensor, hw: tuple[int, int], hw_next: tu
 
 
 # ------------------------------------------------------------------------------------------ Swin
-def swin_plan(m: nn.Module) -> SpatialPlan:
+def swin_plan(m: nn.Module, family: str = "timm-swin") -> SpatialPlan:
     """timm ``SwinTransformer``: shifted-window attention with relative position bias, patch merging.
 
     Levels are the stages. Readout ``z = mean_n LN(x_L[n])`` (timm ``pre_logits``). Going back one
@@ -272,7 +275,9 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
     its merge slot ``j``, so the weights of level ``l`` have ``4^(L-l)`` groups and ``F_l`` applies the
     merges' ``γ``/centring/reduction to the grouped vectors. Head outputs are read from each
     attention's out-projection input and put back in image coordinates with timm's own
-    ``window_reverse`` and the inverse cyclic shift.
+    ``window_reverse`` and the inverse cyclic shift. The merge rule applies its map to grouped vectors
+    (:meth:`PatchMergeRule.linear`) and gives its per-position offset (:meth:`PatchMergeRule.offset`):
+    Swin V2's ``norm(reduction(·))`` is the same plan with another merge rule.
     """
     head = m.head
     gp = getattr(head, "global_pool", None)
@@ -333,20 +338,15 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
             while lvl < L:
                 nxt = lvl + 1
                 if nxt in merges:
-                    ds = merges[nxt][1]
                     B_, K, G4, D = P.shape
-                    Q = norm_linear(specs[nxt], P.reshape(B_, K, G4 // 4, 4 * D), convention)
-                    P = Q @ ds.reduction.weight.to(P.dtype).T
+                    P = merges[nxt][1].linear(P.reshape(B_, K, G4 // 4, 4 * D), convention)
                 lvl = nxt
             return norm_linear(final, P[:, :, 0], convention)
 
         for lvl in range(first + 1, L + 1):                                      # merge offsets after embed
             if lvl in merges:
-                ds = merges[lvl][1]
                 mu_m, sig_m = stats[lvl]
-                o = norm_offset(specs[lvl], mu_m / sig_m, convention) @ ds.reduction.weight.to(dt).T
-                if ds.reduction.bias is not None:
-                    o = o + ds.reduction.bias.to(dt)
+                o = merges[lvl][1].offset(mu_m / sig_m, convention)
                 offset = offset + lin(lvl, torch.einsum("bgn,bne->bge", weights[lvl], o)[:, None])[:, 0]
         return ReadoutMaps(weights, lin, offset, store["z"].to(dt))
 
@@ -373,7 +373,7 @@ def swin_plan(m: nn.Module) -> SpatialPlan:
                              "(build it with img_size=... or call model.set_input_size)")
 
     return SpatialPlan(
-        family="timm-swin", root=m, blocks=blocks, units=units,
+        family=family, root=m, blocks=blocks, units=units,
         readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), check_input=check,
         embed_hook=embed_hook, level_of_input=lambda b: stage_of[b], hooks=all_hooks, finalize=finalize,
         grids=grids)
@@ -545,6 +545,27 @@ class PatchMergeRule:
     norm: nn.Module
     spec: NormSpec
     reduction: nn.Linear
+
+    def linear(self, P: Tensor, convention: str) -> Tensor:
+        """The merge's linear part (its norm's ``1/σ`` already in the weights) on concatenated ``[..., 4C]``."""
+        return norm_linear(self.spec, P, convention) @ self.reduction.weight.to(P.dtype).T
+
+    def offset(self, mu_over_sigma: Tensor, convention: str) -> Tensor:
+        """Per merged position constant ``[B, N', C']`` (``mu_over_sigma``: the norm's, ``[B, N', 1]``)."""
+        o = norm_offset(self.spec, mu_over_sigma, convention) @ self.reduction.weight.to(mu_over_sigma.dtype).T
+        return o if self.reduction.bias is None else o + self.reduction.bias.to(o.dtype)
+
+
+@dataclass
+class ReduceNormMergeRule(PatchMergeRule):
+    """``merge`` rule of Swin V2's ``PatchMerging``: ``norm(reduction(concat of 2×2 neighbours))``; the norm's
+    per-position statistics (frozen) are those of the merged position."""
+
+    def linear(self, P: Tensor, convention: str) -> Tensor:
+        return norm_linear(self.spec, P @ self.reduction.weight.to(P.dtype).T, convention)
+
+    def offset(self, mu_over_sigma: Tensor, convention: str) -> Tensor:
+        return norm_offset(self.spec, mu_over_sigma, convention)      # reduction has no bias (checked at build)
 
 
 @dataclass

@@ -77,6 +77,11 @@ class ProjInputAttention(AttentionRule):
     def position_hooks(self, ctx, sink):
         return [self.out_proj().register_forward_pre_hook(lambda _, args: sink(args[0]))]
 
+    def position_unit(self, br, index: int, level: int) -> Unit:
+        """The per-position unit of a post-norm branch ``br`` (a :class:`~.blocks.Branch`; used by
+        :func:`~.families.block_units`): see :func:`_post_norm_unit`."""
+        return _post_norm_unit(br.path, br.gain, self, index, level, br.to_positions, br.shape_from)
+
     # subclasses: readout rows α [B, H, N] for query weights w [B, S] at positions pos, values [B, H, N, dh]
     def rows(self, cap: dict, pos: slice, w: Tensor, dt) -> tuple[Tensor, Tensor]:
         raise UnsupportedModuleError(f"{self.path}: token terms are not available for {type(self.module).__qualname__}")
@@ -614,7 +619,7 @@ def _rule_units(prefix: str, seq: nn.Module) -> tuple[list, list[Unit]]:
                                          "decomposed with a per-position readout (per-token final norm before pooling)")
         blocks.append((i, path, blk))
         if isinstance(a, ProjInputAttention) and a.post is not None:
-            units.append(_post_norm_unit(rule, a, i))
+            units.append(_post_norm_unit(rule.attn_path, rule.gain1, a, i))
             units.append(Unit("branch", rule.mlp_path, "mlp", i, 0, _output_hooks(rule.mlp), rule.gain2))
             continue
 
@@ -642,11 +647,15 @@ class _FrozenProj:
         self.weight, self.bias = weight, bias
 
 
-def _post_norm_unit(rule: BlockRule, a: ProjInputAttention, index: int) -> Unit:
+def _post_norm_unit(name: str, gain, a: ProjInputAttention, index: int, level: int = 0, to_positions=None,
+                    shape_from: nn.Module | None = None) -> Unit:
     """A post-norm attention branch ``LN(Σ_h o_h W_O,hᵀ + b_O)`` per position as a unit with heads of width
     ``dh + 1``: the stored input is ``[o_h/σ_q, 1/(H σ_q)]`` per head (σ_q of the attention output, frozen)
     and the frozen projection ``[γ⊙C(W_O,h), γ⊙C(b_O)]``, so each head carries its ``b_O/H`` share and the
-    norm's β is the unit's constant bias (same split as :class:`ProjInputAttention`)."""
+    norm's β is the unit's constant bias (same split as :class:`ProjInputAttention`).
+
+    ``to_positions(o, shape)`` / ``shape_from``: as in :class:`~.blocks.Branch`, when the out-projection sees
+    partitioned positions (Swin V2 windows) and the norm the stream in image coordinates."""
     spec, H, dh = a.post_spec, a.num_heads, a.head_dim
     w_o = a.proj.weight.detach()
     b_o = a.proj.bias.detach() if a.proj.bias is not None else torch.zeros_like(w_o[:, 0])
@@ -667,13 +676,19 @@ def _post_norm_unit(rule: BlockRule, a: ProjInputAttention, index: int) -> Unit:
 
         def on_norm(_, args):
             y = args[0]
+            y = y.reshape(y.shape[0], -1, y.shape[-1])                          # NHWC → [B, N, D]
             _, sigma = layernorm_stats(y, spec)                                  # [B, N, 1]
-            o = cap.pop("o").reshape(*y.shape[:2], H, dh)
+            o = cap.pop("o")
+            if to_positions is not None:
+                o = to_positions(o, cap.get("shape"))
+            o = o.reshape(*y.shape[:2], H, dh)
             one = torch.full_like(o[..., :1], 1.0 / H)
             store[key] = (torch.cat([o, one], -1) / sigma[..., None]).flatten(2)
-        return [a.proj.register_forward_pre_hook(on_proj), a.post.register_forward_pre_hook(on_norm)]
+        hs = [] if shape_from is None else [
+            shape_from.register_forward_pre_hook(lambda _, args: cap.__setitem__("shape", tuple(args[0].shape)))]
+        return hs + [a.proj.register_forward_pre_hook(on_proj), a.post.register_forward_pre_hook(on_norm)]
 
-    return Unit("attn", rule.attn_path, "attn", index, 0, hooks, rule.gain1, H, dh + 1, proj)
+    return Unit("attn", name, "attn", index, level, hooks, gain, H, dh + 1, proj)
 
 
 def _final_position_plan(m, family, blocks, units, final: NormSpec, final_mod, positions, npt: int,
