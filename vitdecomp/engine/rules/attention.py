@@ -141,15 +141,16 @@ def _no_mask(path: str, kwargs: dict, *names: str) -> None:
                                          "self-attention (as in vision towers) is decomposed")
 
 
-class TimmAttention(AttentionRule):
-    """timm ``Attention``: fused qkv Linear, optional q/k norms, optional sub-norm, proj Linear."""
+class SubnormAttention(AttentionRule):
+    """Base of timm's ``Attention`` and EVA's attention rules: ungated, ``num_heads``/``head_dim`` on the
+    module, an optional sub-norm ``norm`` before ``proj`` (per-position readouts refuse it)."""
+
+    gated = "gated attention"
 
     def __init__(self, path: str, module: nn.Module):
         super().__init__(path, module)
         if getattr(module, "gate", None) is not None:
-            raise UnsupportedModuleError(f"{path}: gated timm Attention (gate=True) is not supported yet")
-        if not isinstance(module.qkv, nn.Linear):
-            raise UnsupportedModuleError(f"{path}.qkv: {type(module.qkv).__qualname__} is not an nn.Linear")
+            raise UnsupportedModuleError(f"{path}: {self.gated} is not supported yet")
         self.num_heads, self.head_dim = module.num_heads, module.head_dim
         self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
 
@@ -158,6 +159,17 @@ class TimmAttention(AttentionRule):
             raise UnsupportedModuleError(f"{self.path}.norm: attention sub-norm with a per-position readout is not "
                                          "supported yet")
         return super().out_proj()
+
+
+class TimmAttention(SubnormAttention):
+    """timm ``Attention``: fused qkv Linear, optional q/k norms, optional sub-norm, proj Linear."""
+
+    gated = "gated timm Attention (gate=True)"
+
+    def __init__(self, path: str, module: nn.Module):
+        super().__init__(path, module)
+        if not isinstance(module.qkv, nn.Linear):
+            raise UnsupportedModuleError(f"{path}.qkv: {type(module.qkv).__qualname__} is not an nn.Linear")
 
     def hooks(self, ctx, sink):
         m, cap = self.module, {}
@@ -342,7 +354,7 @@ def _register_eva() -> None:
     from timm.models.eva import EvaAttention
 
     @register_rule("attention", EvaAttention)
-    class EvaAttentionRule(AttentionRule):
+    class EvaAttentionRule(SubnormAttention):
         """timm ``EvaAttention`` (EVA-02): rotary position embeddings, optional sub-LayerNorm.
 
         Rotary embeddings only change the attention probabilities. The heads are read from the
@@ -352,18 +364,7 @@ def _register_eva() -> None:
         input with timm's own rotary function and the ``rope`` tensor the block received.
         """
 
-        def __init__(self, path: str, module: nn.Module):
-            super().__init__(path, module)
-            if getattr(module, "gate", None) is not None:
-                raise UnsupportedModuleError(f"{path}: gated EvaAttention is not supported yet")
-            self.num_heads, self.head_dim = module.num_heads, module.head_dim
-            self.subnorm = rule_for("norm", f"{path}.norm", module.norm)(module.norm)
-
-        def out_proj(self) -> nn.Linear:
-            if self.subnorm.kind != "identity":
-                raise UnsupportedModuleError(f"{self.path}.norm: attention sub-norm with a per-position readout is "
-                                             "not supported yet")
-            return super().out_proj()
+        gated = "gated EvaAttention"
 
         def hooks(self, ctx, sink):
             m, cap = self.module, {}
@@ -442,6 +443,8 @@ def _register_rope() -> None:
         embeddings after the q/k norms, optional ``scale_norm`` sub-norm) with the qkv bias inside the
         fused Linear and optional grouped-query K/V heads (repeated per query head after the rotary
         embedding, as timm does). Heads are read from the out-projection input as for EVA."""
+
+        gated = "gated AttentionRope"
 
         def _qkv(self, x: Tensor, rope: Optional[Tensor], dt) -> tuple[Tensor, Tensor, Tensor]:
             m, H, dh = self.module, self.num_heads, self.head_dim
