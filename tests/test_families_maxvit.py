@@ -193,7 +193,7 @@ def test_maxvit_rw_per_position_final_norm(dtype):
 @pytest.mark.parametrize("name,pattern", [
     ("coatnet_nano_rw_224", r"stages\.0\.blocks\.0: MbConvBlock is not timm's MaxxVitBlock"),
     ("maxxvitv2_nano_rw_256", r"stages\.0\.blocks\.0\.conv: ConvNeXtBlock is not an MbConvBlock"),
-    ("swinv2_tiny_window8_256", r"no model rule for .*SwinTransformerV2"),
+    ("swinv2_cr_tiny_224", r"no model rule for .*SwinTransformerV2Cr"),
 ])
 def test_unsupported_variants_are_refused_with_their_path(name, pattern):
     import timm
