@@ -150,6 +150,14 @@ def _head_out(q, k, v, h, dh, scale, bias=None):
     return s.softmax(-1) @ v[..., sl]
 
 
+def _qkv_head(a, qkv, h, bias=None):
+    """Head ``h`` of a fused-qkv attention ``a`` from its ``qkv [B, N, 3·D]``, out-projected (no gain): ``[B, N, D]``."""
+    D = qkv.shape[-1] // 3
+    dh = D // a.num_heads
+    o = _head_out(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], h, dh, dh ** -0.5, bias)
+    return o @ a.proj.weight[:, h * dh:(h + 1) * dh].T
+
+
 def _ls(mod):
     """A timm LayerScale's γ, or 1 for ``nn.Identity``."""
     return mod.gamma if hasattr(mod, "gamma") else 1.0
@@ -173,12 +181,7 @@ def test_deit_distilled_head_by_hand():
     blk, h = m.blocks[-1], 1
     a = blk.attn
     seen = _run(m, x, {"attn": a, "norm": m.norm})
-    y = seen["attn.in"][0][0]
-    D, H = y.shape[-1], a.num_heads
-    dh = D // H
-    qkv = _linear(y, a.qkv)
-    o = _head_out(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], h, dh, dh ** -0.5)
-    c = (o @ a.proj.weight[:, h * dh:(h + 1) * dh].T) * _ls(blk.ls1)           # [B, N, D]
+    c = _qkv_head(a, _linear(seen["attn.in"][0][0], a.qkv), h) * _ls(blk.ls1)   # [B, N, D]
     xf = seen["norm.in"][0][0]
     expect = (_ln_lin(m.norm, c[:, 0], xf[:, 0]) + _ln_lin(m.norm, c[:, 1], xf[:, 1])) / 2
     _check(vd.decompose(m, x), f"blocks.{len(m.blocks) - 1}.attn.head.{h}", expect)
@@ -194,8 +197,6 @@ def test_beit_head_by_hand(family):
     a = blk.attn
     seen = _run(m, x, {"attn": a, "last": blk, "norm": m.norm})
     y = seen["attn.in"][0][0]
-    D, H = y.shape[-1], a.num_heads
-    dh = D // H
     N = y.shape[1]
     qkv = y @ a.qkv.weight.T + torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias))
     bias = torch.zeros(N, N, dtype=y.dtype)
@@ -204,8 +205,7 @@ def test_beit_head_by_hand(family):
                           if m.rel_pos_bias is not None else (None, None))):
         if table is not None:
             bias = bias + table[index.view(-1), h].view(N, N)
-    o = _head_out(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], h, dh, dh ** -0.5, bias)
-    c = (o @ a.proj.weight[:, h * dh:(h + 1) * dh].T) * blk.gamma_1
+    c = _qkv_head(a, qkv, h, bias) * blk.gamma_1
     if m.global_pool == "avg" and family == "beit_gap":                         # each patch through its own σ
         expect = _ln_lin(m.norm, c[:, 1:], seen["norm.in"][0][0][:, 1:]).mean(1)
     elif m.global_pool == "avg":
@@ -242,13 +242,7 @@ def test_relpos_head_by_hand():
     blk, h = m.blocks[-1], 0
     a = blk.attn
     seen = _run(m, x, {"attn": a, "last": blk})
-    y = seen["attn.in"][0][0]
-    D, H = y.shape[-1], a.num_heads
-    dh = D // H
-    qkv = _linear(y, a.qkv)
-    bias = a.rel_pos.get_bias()[0, h]
-    o = _head_out(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], h, dh, dh ** -0.5, bias)
-    c = (o @ a.proj.weight[:, h * dh:(h + 1) * dh].T) * _ls(blk.ls1)
+    c = _qkv_head(a, _linear(seen["attn.in"][0][0], a.qkv), h, a.rel_pos.get_bias()[0, h]) * _ls(blk.ls1)
     npt = m.num_prefix_tokens
     expect = _ln_lin(m.fc_norm, c[:, npt:].mean(1), seen["last.out"][:, npt:].mean(1))
     _check(vd.decompose(m, x), f"blocks.{len(m.blocks) - 1}.attn.head.{h}", expect)
@@ -365,12 +359,8 @@ def test_parallel_things_head_by_hand():
     br = blk.attns[i]
     a = br.attn
     seen = _run(m, x, {"attn": a, "norm": m.norm})
-    y = seen["attn.in"][0][0]
-    D, H = y.shape[-1], a.num_heads
-    dh = D // H
-    qkv = _linear(y, a.qkv)
-    o = _head_out(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], h, dh, dh ** -0.5)
-    c = (o @ a.proj.weight[:, h * dh:(h + 1) * dh].T) * _ls(br.ls)
+    H = a.num_heads
+    c = _qkv_head(a, _linear(seen["attn.in"][0][0], a.qkv), h) * _ls(br.ls)
     expect = _ln_lin(m.norm, c[:, 0], seen["norm.in"][0][0][:, 0])
     d = vd.decompose(m, x)
     _check(d, f"blocks.{len(m.blocks) - 1}.attns.head.{i * H + h}", expect)

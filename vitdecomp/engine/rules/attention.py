@@ -395,7 +395,11 @@ def _register_eva() -> None:
             else:
                 q, k, v = (F.linear(x, p.weight.to(dt), None if p.bias is None else p.bias.to(dt))
                            .reshape(B, N, H, -1).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj))
-            q, k = m.q_norm(q), m.k_norm(k)
+            return self._rotate(m.q_norm(q), m.k_norm(k), v, rope, dt)
+
+        def _rotate(self, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Tensor], dt) -> tuple[Tensor, Tensor, Tensor]:
+            """timm's rotary embedding on the non-prefix positions of (normed) queries and keys."""
+            m = self.module
             if rope is not None:
                 npt, half = m.num_prefix_tokens, getattr(m, "rotate_half", False)
                 rope = rope.to(dt)
@@ -434,7 +438,6 @@ EvaAttentionRule = _register_eva()
 
 # ------------------------------------------------------------------------------- AttentionRope (Perception Encoder)
 def _register_rope() -> None:
-    from timm.layers import apply_rot_embed_cat
     from timm.layers.attention import AttentionRope
 
     @register_rule("attention", AttentionRope)
@@ -458,12 +461,7 @@ def _register_rope() -> None:
                 kvh = m.num_kv_heads
                 q = lin(m.q_proj).reshape(B, N, H, dh).transpose(1, 2)
                 k, v = (lin(p).reshape(B, N, kvh, dh).transpose(1, 2) for p in (m.k_proj, m.v_proj))
-            q, k = m.q_norm(q), m.k_norm(k)
-            if rope is not None:
-                npt, half = m.num_prefix_tokens, getattr(m, "rotate_half", False)
-                rope = rope.to(dt)
-                q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
-                k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+            q, k, v = self._rotate(m.q_norm(q), m.k_norm(k), v, rope, dt)
             if m.num_kv_groups > 1:
                 k = k.repeat_interleave(m.num_kv_groups, dim=1)
                 v = v.repeat_interleave(m.num_kv_groups, dim=1)
