@@ -41,7 +41,12 @@ TOKENS = ["layers.0.blocks.0.attn.head.1", "layers.2.blocks.1.attn.head.3"]   # 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_swin_reconstruction(dtype):
-    m, x = swin(dtype), images(dtype)
+    check_reconstruction(swin(dtype), images(dtype), dtype, grids=((56, 56), (14, 14)))
+
+
+def check_reconstruction(m, x, dtype, grids):
+    """Readout = upstream, reconstruction within TOL for heads on/off × both conventions, tokens sum to
+    their head and the token maps of :data:`TOKENS` have the stage ``grids`` (also used for Swin V2)."""
     z = upstream(m, x)
     scale = float(z.norm(dim=-1).max())
     for heads in (True, False):
@@ -53,8 +58,8 @@ def test_swin_reconstruction(dtype):
             if heads:
                 for t in TOKENS:
                     torch.testing.assert_close(d.tokens[t].sum(1), d[t], rtol=0, atol=TOL[dtype] * scale)
-                assert d.token_map(TOKENS[0]).shape == (2, 56, 56, 384)
-                assert d.token_map(TOKENS[1]).shape == (2, 14, 14, 384)
+                for t, g in zip(TOKENS, grids):
+                    assert d.token_map(t).shape == (2, *g, m.num_features)
                 names = d.names
     assert names[:2] == ["embed", "layers.0.blocks.0.attn.head.0"] and "layers.2.blocks.1.mlp" in names
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vitdecomp as vd
+from test_families_swin import TOKENS, check_reconstruction
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), window_size=2)
@@ -38,27 +39,9 @@ def upstream(m, x):
         return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
-TOKENS = ["layers.0.blocks.0.attn.head.1", "layers.2.blocks.1.attn.head.3"]   # plain and shifted windows
-
-
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.slow), torch.float64], ids=["fp32", "fp64"])
 def test_swinv2_reconstruction(dtype):
-    m, x = swinv2(dtype), images(dtype)
-    z = upstream(m, x)
-    scale = float(z.norm(dim=-1).max())
-    for heads in (True, False):
-        for convention in ("centered", "uniform"):
-            d = vd.decompose(m, x, heads=heads, convention=convention, tokens=TOKENS if heads else None)
-            assert torch.equal(d.readout, z)
-            err = float(d.residual().max())
-            assert err <= TOL[dtype], (heads, convention, err)
-            if heads:
-                for t in TOKENS:
-                    torch.testing.assert_close(d.tokens[t].sum(1), d[t], rtol=0, atol=TOL[dtype] * scale)
-                assert d.token_map(TOKENS[0]).shape == (2, 16, 16, 192)
-                assert d.token_map(TOKENS[1]).shape == (2, 4, 4, 192)
-                names = d.names
-    assert names[:2] == ["embed", "layers.0.blocks.0.attn.head.0"] and "layers.2.blocks.1.mlp" in names
+    check_reconstruction(swinv2(dtype), images(dtype), dtype, grids=((16, 16), (4, 4)))
 
 
 def test_swinv2_heads_sum_to_block():
