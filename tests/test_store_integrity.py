@@ -135,6 +135,37 @@ def test_lease_is_exclusive_expires_and_is_taken_over_from_a_dead_process(tmp_pa
     d.release()
 
 
+def test_a_holder_whose_renewals_stalled_never_commits_after_a_takeover(tmp_path, monkeypatch):
+    """The race behind two concurrent runs storing images twice: a holder whose background renewals
+    stalled (starved thread, unreachable store) keeps committing until a renewal *fails*; a run that
+    took the expired lease over in between has snapshotted the stored ids without those commits.
+    ``check()`` (before every commit) must refuse as soon as the lease may have been taken over."""
+    uri = str(tmp_path / "s" / "_lease.lance")
+    a = Lease(uri, ttl=0.8)
+    a.acquire("a")                                            # no renewal thread: its renewals "stalled"
+    a.check()                                                 # fresh: more than ttl/2 left, no renewal needed
+    time.sleep(0.9)                                           # expired
+    b = Lease(uri, ttl=60).start("b")                         # taken over, legitimately
+    with pytest.raises(Exception, match="taken over"):
+        a.check()                                             # was: passed (only a failed renewal was noticed)
+    b.release()
+    # the store cannot be reached for the renewal: with under ttl/4 left the run stops instead of committing
+    c = Lease(uri, ttl=0.8)
+    c.acquire("c")
+    time.sleep(0.65)
+    monkeypatch.setattr(c, "_write", lambda *a, **k: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(Exception, match="could not be renewed .*connection reset.*rerun to resume"):
+        c.check()
+    # a healthy holder near expiry renews on the spot and commits
+    uri = str(tmp_path / "s2" / "_lease.lance")
+    d = Lease(uri, ttl=0.8)
+    d.acquire("d")
+    time.sleep(0.5)
+    d.check()
+    assert Lease(uri).read()[1].expires > time.time() + 0.6
+    d.release()
+
+
 def test_metadata_is_atomic_and_damage_is_one_clear_line(tmp_path):
     st, _ = _planted(tmp_path, "parquet")
     names = os.listdir(st.path)

@@ -311,8 +311,8 @@ def _decompose_locked(cfg: DecomposeConfig, store: Store, s3, lm, teacher, compo
             now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
             err_tbl = pa.Table.from_pylist(pending_errors).append_column(
                 "time", pa.array([now.value] * len(pending_errors), pa.timestamp("ms", tz="UTC")))
-        lease.check()                         # never commit after another run took the store over
-        store.commit(pending, err_tbl, chunk=f"{lease.holder}-{summary.commits + 1}")
+        # never commit after another run could have taken the store over (checked before every attempt)
+        store.commit(pending, err_tbl, chunk=f"{lease.holder}-{summary.commits + 1}", fence=lease.check)
         summary.written += sum(p["rows"] for p in pending)
         summary.errors += len(pending_errors)
         summary.commits += 1

@@ -7,7 +7,13 @@ refuses when anyone committed in between (conditional PUTs on S3, atomic renames
 runs started at the same moment cannot both hold it.
 
 A lease expires ``ttl`` seconds after its last renewal (the holder renews every ``ttl / 4`` from a
-background thread), so a crashed holder blocks nobody for long. A holder on the same host whose
+background thread), so a crashed holder blocks nobody for long. Commits are fenced by time, not only
+by a failed renewal: :meth:`Lease.check` (called before every commit) lets a commit through only while
+the holder's own lease has more than half its ``ttl`` left, renewing it on the spot otherwise, and
+stops the run when it cannot. Another run takes a lease over only once it has expired (or its holder's
+process is gone), so a holder whose renewals stalled — a starved thread, an unreachable store —
+never commits after its lease could have been taken over (the taker's snapshot of stored ids would
+miss that commit, and both runs would store its images). A holder on the same host whose
 process is gone is taken over at once (a rerun right after a crash does not wait). Format-agnostic:
 Parquet stores use the same Lance lease.
 """
@@ -85,6 +91,8 @@ class Lease:
         self.holder = uuid.uuid4().hex
         self._version: Optional[int] = None
         self._lost: Optional[str] = None
+        self._expires = 0.0
+        self._lock = threading.Lock()                  # renewals by the thread and by check() take turns
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._command = ""
@@ -141,7 +149,7 @@ class Lease:
                     "another output location")
             new = self._write(self._row(now + self.ttl), version)
             if new is not None:
-                self._version = new
+                self._version, self._expires = new, now + self.ttl
                 if info is not None and info.holder != self.holder and info.expires > now:
                     log.warning("took over the lease of a run whose process is gone (%s)", info.describe())
                 return
@@ -149,32 +157,59 @@ class Lease:
         raise StoreBusyError("could not take the store's lease: other runs keep taking it")
 
     def renew(self) -> None:
+        with self._lock:
+            self._renew()
+
+    def _renew(self) -> None:
         if self._lost:
             raise LeaseLostError(self._lost)
-        new = self._write(self._row(time.time() + self.ttl), self._version)
+        now = time.time()
+        new = self._write(self._row(now + self.ttl), self._version)
         if new is None:
             _, info = self.read()
             self._lost = ("this run's lease on the store was taken over by "
                           f"{info.describe() if info else 'another run'}: stop so that rows are not written twice")
             raise LeaseLostError(self._lost)
-        self._version = new
+        self._version, self._expires = new, now + self.ttl
 
     def check(self) -> None:
-        """Raise :class:`LeaseLostError` if the lease was lost (before a commit)."""
-        if self._lost:
-            raise LeaseLostError(self._lost)
+        """Before a commit: raise :class:`LeaseLostError` unless this run's lease is certainly still its own
+        for a while. With more than ``ttl / 2`` left it is; otherwise it is renewed now (a compare-and-swap
+        that fails if another run took it over). If that renewal fails for another reason and less than
+        ``ttl / 4`` is left, the run stops too: the commit could land after the lease expired and another
+        run started from a snapshot without it. A rerun resumes where it stopped."""
+        with self._lock:
+            if self._lost:
+                raise LeaseLostError(self._lost)
+            if self._expires - time.time() > self.ttl / 2:
+                return
+            try:
+                self._renew()
+            except LeaseLostError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a transient error: enough time left, or stop
+                left = self._expires - time.time()
+                if left > self.ttl / 4:
+                    log.warning("renewing the store's lease before a commit failed (%s); it is held %.0f s more, "
+                                "committing", e, left)
+                    return
+                self._lost = (f"this run's lease on the store could not be renewed ({type(e).__name__}: {e}) and "
+                              f"expires in {max(0.0, left):.0f} s: stopping before a commit another run could "
+                              "duplicate; rerun to resume")
+                raise LeaseLostError(self._lost) from e
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._lost or self._version is None:
-            return
-        try:
-            self._write({**self._row(0.0), "expires": 0.0}, self._version)
-        except Exception as e:  # noqa: BLE001 -- releasing is best effort: the lease expires anyway
-            log.warning("could not release the store's lease (%s); it expires within %.0f s", e, self.ttl)
-        self._version = None
+        with self._lock:                               # a renewal in flight ends first: release sees its version
+            if self._lost or self._version is None:
+                return
+            try:
+                self._write({**self._row(0.0), "expires": 0.0}, self._version)
+            except Exception as e:  # noqa: BLE001 -- releasing is best effort: the lease expires anyway
+                log.warning("could not release the store's lease (%s); it expires within %.0f s", e, self.ttl)
+            self._version, self._expires = None, 0.0
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -239,7 +239,8 @@ class Store:
             raise StoreError(f"the output {self.uri} is not writable: {e}") from e
 
     # ------------------------------------------------------------------ commits (driver side)
-    def commit(self, written: list[dict], errors: Optional[pa.Table], *, chunk: Optional[str] = None) -> None:
+    def commit(self, written: list[dict], errors: Optional[pa.Table], *, chunk: Optional[str] = None,
+               fence: Optional[Callable[[], None]] = None) -> None:
         """Make a chunk visible: first its error rows, then its data (fragments or files).
 
         Idempotent: a commit whose reply was lost (it landed, but the call failed) is not repeated on
@@ -247,7 +248,9 @@ class Store:
         latest version; Parquet: the commit record's name is fixed before the first attempt, so a
         retry rewrites the same object. ``chunk`` (default: a new id) tags the commit (Lance
         transaction property / Parquet record field ``chunk``). Only errors that can go away are
-        retried (:func:`commit_retryable`); each retry is logged with its reason."""
+        retried (:func:`commit_retryable`); each retry is logged with its reason. ``fence`` (a writer's
+        :meth:`~vitdecomp.store.lease.Lease.check`) is called before every attempt, so a commit retried
+        through an outage never lands after the writer's lease could have been taken over."""
         chunk = chunk or uuid.uuid4().hex
         if errors is not None and errors.num_rows:
             errors = errors.cast(ERRORS_SCHEMA)
@@ -258,7 +261,7 @@ class Store:
                                                              storage_options=self.storage_options),
                                      f"{self.uri}: write error rows")
                 self._append_lance("errors", [json.loads(f.to_json()) if isinstance(f.to_json(), str)
-                                              else f.to_json() for f in frags], chunk)
+                                              else f.to_json() for f in frags], chunk, fence)
             else:
                 name = f"errors/{uuid.uuid4().hex}.parquet"
                 retry_commit(lambda: pq.write_table(errors, self._p(name), filesystem=self.fs),
@@ -267,11 +270,11 @@ class Store:
         if not written:
             return
         if self.format == "lance":
-            self._append_lance("contributions", [w["fragment"] for w in written], chunk)
+            self._append_lance("contributions", [w["fragment"] for w in written], chunk, fence)
         else:
-            self.commit_record({"files": written, "time": time.time(), "chunk": chunk})
+            self.commit_record({"files": written, "time": time.time(), "chunk": chunk}, fence)
 
-    def _append_lance(self, table: str, fragments: list, chunk: str) -> int:
+    def _append_lance(self, table: str, fragments: list, chunk: str, fence: Optional[Callable[[], None]] = None) -> int:
         """Commit a Lance ``Append`` of ``fragments`` (JSON of written fragments) to ``table`` exactly
         once; returns the version that holds them."""
         import lance
@@ -295,6 +298,8 @@ class Store:
                     raise StoreError(f"{uri}: version {ds.version} holds {have} of the {len(ours)} data files of "
                                      f"chunk {chunk[:8]}, which were committed together; run `vitdecomp store check "
                                      f"{self.uri}`")
+            if fence is not None:
+                fence()
             tried[0] += 1
             txn = lance.Transaction(read_version=ds.version, operation=lance.LanceOperation.Append(frags),
                                     transaction_properties={"vitdecomp.chunk": chunk})
@@ -302,12 +307,18 @@ class Store:
 
         return retry_commit(once, f"{self.uri}: commit {table} chunk {chunk[:8]}")
 
-    def commit_record(self, rec: dict) -> None:
+    def commit_record(self, rec: dict, fence: Optional[Callable[[], None]] = None) -> None:
         """Parquet format: make ``rec`` (``files`` it adds, optionally ``remove``) visible, atomically.
         The record's name is chosen once, so a retry after a lost reply rewrites the same object."""
         name = f"_commits/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
         data = json.dumps(rec).encode()
-        retry_commit(lambda: self._write_bytes(name, data), f"{self.uri}: write commit record {name}")
+
+        def once() -> None:
+            if fence is not None:
+                fence()
+            self._write_bytes(name, data)
+
+        retry_commit(once, f"{self.uri}: write commit record {name}")
 
     # ------------------------------------------------------------------ writing rows
     def write_uncommitted(self, table: pa.Table, *, format: Optional[str] = None) -> list[dict]:
@@ -398,8 +409,7 @@ class Store:
             except InputError as e:
                 raise StoreError(f"{self.uri}: {e}") from None
             written = self.write_uncommitted(table)
-            lease.check()
-            self.commit(written, None)
+            self.commit(written, None, fence=lease.check)
         finally:
             lease.release()
         log.info("appended %d rows to %s", n, self.uri)
