@@ -1,5 +1,6 @@
 """ViT variants (vitdecomp/engine/rules/vit_variants.py): DeiT distilled, BEiT, CaiT, RelPos ViT,
-post-norm blocks (RelPos ``ResPostRelPosBlock``, ``EvaBlockPostNorm``), differential attention; SAM refused.
+post-norm blocks (RelPos ``ResPostRelPosBlock``, ``EvaBlockPostNorm``), differential attention
+(SAM ViT: tests/test_families_sam.py).
 
 Every family: readout equals the upstream model's ``forward_head(forward_features(x), pre_logits=True)``,
 reconstruction ≤ 1e-5 (fp32) / ≤ 1e-10 (fp64), heads sum to the heads-off attention component,
@@ -365,14 +366,6 @@ def test_parallel_things_head_by_hand():
     d = vd.decompose(m, x)
     _check(d, f"blocks.{len(m.blocks) - 1}.attns.head.{i * H + h}", expect)
     assert f"blocks.{len(m.blocks) - 1}.ffns" in d.names
-
-
-def test_sam_refused_with_reason():
-    import timm
-
-    m = timm.create_model("samvit_base_patch16", pretrained=False, depth=1, embed_dim=48, num_heads=3, img_size=32).eval()
-    with pytest.raises(UnsupportedModuleError, match="neck"):
-        vd.components_for(m)
 
 
 def test_parallel_blocks_in_a_per_position_readout_refused():

@@ -18,6 +18,8 @@ import vitdecomp as vd
 from vitdecomp.models import supported_families
 
 FAMILIES = supported_families()
+# families whose heads are exact but not sums of per-source-token terms: asking for tokens must be refused
+TOKENS_REFUSED = {"levit", "levit_conv"}    # LeViT: an activation between the attention and its out-projection
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -28,7 +30,7 @@ def stand_in(family: str, dtype: torch.dtype = torch.float32) -> vd.LoadedModel:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():   # zero-initialised norm γ (Swin V2's post-norms) would make every branch vanish
         for n, p in lm.model.named_parameters():
-            if "norm" in n and n.endswith("weight") and not p.any():
+            if ("norm" in n or n.endswith(".bn.weight")) and n.endswith("weight") and not p.any():   # + LeViT BN
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return lm
 
@@ -63,14 +65,19 @@ def test_family_is_exact(family, dtype):
     scale = float(z.norm(dim=-1).max())
     head = [c for c in vd.components_for(lm) if c.kind == "head"][-1]
     for convention in ("centered", "uniform"):
-        on = vd.decompose(lm, x, heads=True, convention=convention, tokens=[head.name])
+        if family in TOKENS_REFUSED:
+            with pytest.raises(vd.UnsupportedModuleError, match="per-token"):
+                vd.decompose(lm, x, heads=True, convention=convention, tokens=[head.name])
+        on = vd.decompose(lm, x, heads=True, convention=convention,
+                          tokens=None if family in TOKENS_REFUSED else [head.name])
         off = vd.decompose(lm, x, heads=False, convention=convention)
         for d in (on, off):
             assert d.contributions.dtype == dtype
             assert same_readout(lm, d.readout, z), f"{family}: the readout must be the upstream output itself"
             err = float(d.residual().max())
             assert err <= TOL[dtype], f"{family} {convention}: relative reconstruction error {err:.2e}"
-        assert torch.allclose(on.tokens[head.name].sum(1), on[head.name], rtol=0, atol=TOL[dtype] * scale), \
+        assert family in TOKENS_REFUSED or torch.allclose(on.tokens[head.name].sum(1), on[head.name], rtol=0,
+                                                          atol=TOL[dtype] * scale), \
             f"{family}: the tokens of {head.name} do not sum to the head ({convention})"
         attn = [c for c in off.components if c.kind == "attn"]
         assert attn, f"{family}: no attention component with heads=False"
@@ -129,7 +136,7 @@ def gain_of(block: nn.Module) -> torch.Tensor:
         ls = getattr(block, name, None)
         if ls is not None and hasattr(ls, "gamma"):
             return ls.gamma
-    g = getattr(block, "gamma_1", None)
+    g = getattr(block, "gamma_1", getattr(block, "gamma1", None))      # gamma1: XCiT class attention
     return g if isinstance(g, torch.Tensor) else torch.ones(())
 
 
@@ -146,13 +153,15 @@ def head_in_stream(model, attn_path: str, h: int, x: torch.Tensor) -> torch.Tens
             model.forward_head(model.forward_features(x), pre_logits=True)
     finally:
         hd.remove()
-    inp = got["in"]
+    inp, w = got["in"], proj.weight
+    if isinstance(proj, nn.Conv2d):          # CoAtNet Attention2d: a 1×1-conv out-projection on NCHW maps
+        inp, w = inp.flatten(2).transpose(1, 2), proj.weight[:, :, 0, 0]
     if inp.shape[0] != x.shape[0]:
         pytest.skip(f"{attn_path}: {inp.shape[0] // x.shape[0]} windows per image; the hand formula "
                     "handles one window (build the stand-in small enough)")
-    dh = proj.in_features // attn.num_heads
+    dh = w.shape[1] // attn.num_heads
     sl = slice(h * dh, (h + 1) * dh)
-    u = inp.reshape(x.shape[0], -1, proj.in_features)[..., sl] @ proj.weight[:, sl].T
+    u = inp.reshape(x.shape[0], -1, w.shape[1])[..., sl] @ w[:, sl].T
     parent = model.get_submodule(attn_path.rsplit(".", 1)[0]) if "." in attn_path else model
     return u * gain_of(parent)
 
@@ -167,6 +176,7 @@ def chain_timm_vit(model, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ap = model.attn_pool
         xin = got["attn_pool"]                                       # the real (normed) stream
         B, N, C = xin.shape
+        y = y[:, y.shape[1] - N:]                                    # NaFlexVit pools the patches only
         assert ap.pos_embed is None and isinstance(ap.q_norm, nn.Identity) and ap.latent_len == 1
         q = ap.q(ap.latent.expand(B, -1, -1)).reshape(B, 1, ap.num_heads, ap.head_dim).transpose(1, 2)
         kv = ap.kv(xin).reshape(B, N, 2, ap.num_heads, ap.head_dim).permute(2, 0, 3, 1, 4)
@@ -182,10 +192,36 @@ def chain_timm_vit(model, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return ln_centered(model.fc_norm, y, got["fc_norm"]) if "fc_norm" in got else y
 
 
+def chain_xcit(model, u, x):
+    """XCiT: the last class-attention block's ``norm2`` (it normalises the class-token stream), then the
+    final norm at the class token, both with frozen statistics."""
+    n2 = f"cls_attn_blocks.{len(model.cls_attn_blocks) - 1}.norm2"
+    got = captured_inputs(model, [n2, "norm"], x)
+    y = ln_centered(model.get_submodule(n2), u[:, 0], got[n2][:, 0])
+    return ln_centered(model.norm, y, got["norm"][:, 0])
+
+
+def chain_pit(model, u, x):
+    """PiT: the last stage's class-token positions (no later pooling fc), the final norm per token with frozen
+    σ, then the class token (distilled: the mean of the class and distillation tokens)."""
+    got = captured_inputs(model, ["norm"], x)
+    T = model.cls_token.shape[1]
+    y = ln_centered(model.norm, u[:, :T], got["norm"])
+    return y[:, :2].mean(1) if model.head_dist is not None else y[:, 0]
+
+
 def chain_swin(model, u, x):
     got = captured_inputs(model, ["norm"], x)
     xn = got["norm"].reshape(x.shape[0], -1, u.shape[-1])
     return ln_centered(model.norm, u, xn).mean(1)
+
+
+def chain_swin_cr(model, u, x):
+    """Swin V2-CR: the last block's ``norm3`` (its stream-replacing LayerNorm) at each position, then the
+    head's mean pool."""
+    n3 = f"stages.{len(model.stages) - 1}.blocks.{len(model.stages[-1].blocks) - 1}.norm3"
+    got = captured_inputs(model, [n3], x)
+    return ln_centered(model.get_submodule(n3), u, got[n3]).mean(1)
 
 
 def chain_maxvit(model, u, x):
@@ -199,6 +235,24 @@ def chain_maxvit(model, u, x):
     got = captured_inputs(model, ["norm"], x)                               # rw: per-position LN2d → pool
     xn = got["norm"].flatten(2).transpose(1, 2)
     return ln_centered(model.norm, u, xn).mean(1)
+
+
+def chain_sam(model, u, x):
+    """SAM: the neck with frozen per-position σ (1×1 conv, LayerNorm2d, 3×3 conv with zero padding,
+    LayerNorm2d; or one LayerNorm2d), then the head's mean pool."""
+    neck = model.neck
+    paths = ["neck", "neck.1", "neck.3"] if isinstance(neck, nn.Sequential) else ["neck"]
+    got = {p: t.permute(0, 2, 3, 1) for p, t in captured_inputs(model, paths, x).items()}      # NHWC
+    B, H, W, _ = got["neck"].shape
+    y = u.reshape(B, H, W, -1)
+    if isinstance(neck, nn.Sequential):
+        y = F.conv2d(y.permute(0, 3, 1, 2), neck[0].weight).permute(0, 2, 3, 1)
+        y = ln_centered(neck[1], y, got["neck.1"])
+        y = F.conv2d(y.permute(0, 3, 1, 2), neck[2].weight, padding=neck[2].padding).permute(0, 2, 3, 1)
+        y = ln_centered(neck[3], y, got["neck.3"])
+    else:
+        y = ln_centered(neck, y, got["neck"])
+    return y.mean((1, 2))
 
 
 def open_clip_head(visual, h: int, x: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -225,17 +279,37 @@ def open_clip_head(visual, h: int, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     return f"transformer.resblocks.{i}.attn.head.{h}", ln_centered(visual.ln_post, u, xin) @ visual.proj
 
 
+def levit_head(m, h: int, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """LeViT: the last block's head ``h``: its slice of the activation output (``proj.ln``'s input) times that
+    slice of the Linear / 1×1 conv weight, × the BatchNorm's γ/√(var+eps) (its shift goes to ``bias``), then
+    the head's mean over positions (no final norm)."""
+    s, i = len(m.stages) - 1, len(m.stages[-1].blocks) - 1
+    path = f"stages.{s}.blocks.{i}.attn"
+    attn = m.get_submodule(path)
+    a = captured_inputs(m, [f"{path}.proj.ln"], x)[f"{path}.proj.ln"]
+    if a.dim() == 4:                                                         # use_conv: [B, C, H, W]
+        a = a.flatten(2).transpose(1, 2)
+    lin, bn = attn.proj.ln.linear, attn.proj.ln.bn
+    w = lin.weight.reshape(lin.weight.shape[0], -1)
+    sl = slice(h * attn.val_dim, (h + 1) * attn.val_dim)
+    u = a[..., sl] @ w[:, sl].T * (bn.weight / torch.sqrt(bn.running_var + bn.eps))
+    return f"{path}.head.{h}", u.mean(1)
+
+
 def hand_head(lm, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     """(component name, its contribution) for head 1 of the last attention of ``lm``, by hand."""
     m = lm.model
     if lm.library == "open_clip":
         return open_clip_head(m.visual, 1, x)
+    if type(m).__name__ in ("Levit", "LevitDistilled"):
+        return levit_head(m, 1, x)
     head = [c for c in vd.components_for(lm) if c.kind == "head" and c.head == 1][-1]
     kind = type(m).__name__
     chains = {"VisionTransformer": chain_timm_vit, "VisionTransformerDistilled": chain_timm_vit, "Eva": chain_timm_vit,
               "Beit": chain_timm_vit, "VisionTransformerRelPos": chain_timm_vit, "Cait": chain_timm_vit,
-              "SwinTransformer": chain_swin, "SwinTransformerV2": chain_swin,
-              "MaxxVit": chain_maxvit}
+              "SwinTransformer": chain_swin, "SwinTransformerV2": chain_swin, "SwinTransformerV2Cr": chain_swin_cr,
+              "VisionTransformerSAM": chain_sam,
+              "MaxxVit": chain_maxvit, "Xcit": chain_xcit, "PoolingVisionTransformer": chain_pit, "NaFlexVit": chain_timm_vit}
     if kind not in chains:
         pytest.skip(f"no hand formula for {kind}: extend hand_head() in tests/test_supported_models.py")
     try:
@@ -244,10 +318,10 @@ def hand_head(lm, x: torch.Tensor) -> tuple[str, torch.Tensor]:
         pytest.skip(f"{head.path} is not a module (parallel block): extend hand_head() for it")
     block = m.get_submodule(head.path.rsplit(".", 1)[0])
     post_norm = type(block).__name__ in ("ResPostRelPosBlock", "EvaBlockPostNorm",  # x + LN(attn(x))
-                                         "SwinTransformerV2Block")
+                                         "SwinTransformerV2Block", "ResPostBlock", "SwinTransformerV2CrBlock")
     if type(m.get_submodule(head.path)).__name__ not in ("Attention", "EvaAttention", "RelPosAttention",
-                                                         "WindowAttention", "AttentionCl", "ClassAttn",
-                                                         "AttentionRope"):
+                                                         "WindowAttention", "WindowMultiHeadAttention", "AttentionCl",
+                                                         "ClassAttn", "AttentionRope", "Attention2d"):
         pytest.skip(f"no hand formula for {type(block).__name__}/{type(m.get_submodule(head.path)).__name__}: "
                     "extend hand_head() in tests/test_supported_models.py")
     u = head_in_stream(m, head.path, 1, x)

@@ -99,7 +99,8 @@ def _timm_pool(model: nn.Module) -> str:
     if getattr(model, "attn_pool", None) is not None or gp == "map":
         return "attn_pool"                              # SigLIP MAP head: a latent query over all tokens
     if gp == "token":
-        if getattr(model, "dist_token", None) is not None:   # DeiT distilled: both tokens, each normed
+        # DeiT distilled (dist_token), PiT distilled (num_tokens=2): both tokens, each normed
+        if getattr(model, "dist_token", None) is not None or getattr(model, "num_tokens", 1) == 2:
             return "mean(token[0], token[1]) of normed tokens"
         return "token[0]"
     npt = getattr(model, "num_prefix_tokens", None)
@@ -430,14 +431,25 @@ SUPPORTED_FAMILIES = {
     "swin": ("timm:swin_tiny_patch4_window7_224", dict(embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4))),
     "swinv2": ("timm:swinv2_tiny_window8_256", dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
                                                   window_size=2, img_size=64)),
+    # Swin V2-CR: post-norm blocks, extra stream norms norm3 (rules/swin_v2_cr.py; tests/test_families_swinv2_cr.py)
+    "swinv2_cr": ("timm:swinv2_cr_tiny_ns_224", dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
+                                                     window_size=2, img_size=64)),
     "maxvit": ("timm:maxvit_tiny_tf_224", dict(embed_dim=(32, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16,
                                                head_hidden_size=64, img_size=128, transformer_dim_head=16)),
     "maxvit_rw": ("timm:maxvit_rmlp_pico_rw_256", dict(img_size=128, depths=(1, 1, 1, 1))),
+    # CoAtNet (MbConv + TransformerBlock2d), MaxxViT v2 (ConvNeXt + grid attention): rules/coatnet.py;
+    # tests/test_families_coatnet.py covers CoAtNeXt, coatnet_bn, MaxxViT v1 and the parallel MaxViT too
+    "coatnet": ("timm:coatnet_nano_rw_224", dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64),
+                                                 stem_width=(16, 32), transformer_dim_head=16)),
+    "maxxvit_v2": ("timm:maxxvitv2_nano_rw_256", dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64),
+                                                      stem_width=(16, 32), transformer_dim_head=16)),
     # ViT variants (vitdecomp/engine/rules/vit_variants.py; tests/test_families_vit_variants.py)
     "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
     "beit": ("timm:beit_base_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
     "beitv2": ("timm:beitv2_base_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
     "cait": ("timm:cait_xxs24_224", dict(embed_dim=48, num_heads=3, depth=2, depth_token_only=2, img_size=48)),
+    # XCiT: class-attention blocks with a class-token stream norm (rules/xcit.py; tests/test_families_xcit.py)
+    "xcit": ("timm:xcit_nano_12_p16_224", dict(depth=2, cls_attn_layers=2, embed_dim=48, num_heads=4, img_size=64)),
     "vit_relpos": ("timm:vit_relpos_small_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
     "vit_srelpos_gap": ("timm:vit_srelpos_small_patch16_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
     "vit_relpos_respost": ("timm:vit_relpos_base_patch16_rpn_224", dict(embed_dim=48, num_heads=3, depth=2,
@@ -448,6 +460,27 @@ SUPPORTED_FAMILIES = {
     "vit_diff_parallel_scaling": ("timm:vit_dpwee_patch16_reg1_gap_256", dict(embed_dim=48, num_heads=3, depth=2,
                                                                             img_size=48)),
     "vit_parallel_things": ("timm:vit_small_patch16_18x2_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    # NaFlexViT, DINOv3 (EVA, per-token norm + mean), ViT ResPostBlock (rules/naflexvit.py, vit_variants.py;
+    # tests/test_families_naflexvit.py)
+    "naflexvit": ("timm:naflexvit_base_patch16_gap", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "naflexvit_map": ("timm:naflexvit_base_patch16_map", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "dinov3": ("timm:vit_small_patch16_dinov3", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    "vit_respost": ("timm:vit_base_patch16_rpn_224", dict(embed_dim=48, num_heads=3, depth=2, img_size=48)),
+    # SAM ViT: windowed + global attention, conv neck / LayerNorm2d neck (rules/sam.py; tests/test_families_sam.py)
+    "samvit": ("timm:samvit_base_patch16", dict(img_size=64, embed_dim=48, depth=2, num_heads=2, window_size=3,
+                                                global_attn_indexes=(1,), neck_chans=16)),
+    "samvit_norm_neck": ("timm:samvit_base_patch16_224", dict(img_size=64, embed_dim=48, depth=2, num_heads=2,
+                                                             window_size=3, global_attn_indexes=(1,))),
+    # LeViT: BatchNorm linears, act before the out-projection (no token terms), attention downsampling that
+    # replaces the stream, mean readout; linear and use_conv variants (rules/levit.py; tests/test_families_levit.py)
+    "levit": ("timm:levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
+                                      depth=(1, 1, 2))),
+    "levit_conv": ("timm:levit_conv_128s", dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
+                                                depth=(1, 1, 2))),
+    # PiT: class-token stream carried through each stage's pooling fc (rules/pit.py; tests/test_families_pit.py)
+    "pit": ("timm:pit_ti_224", dict(img_size=64, base_dims=(8, 8, 8), depth=(1, 1, 2), heads=(2, 4, 8))),
+    "pit_distilled": ("timm:pit_ti_distilled_224", dict(img_size=64, base_dims=(8, 8, 8), depth=(1, 1, 2),
+                                                        heads=(2, 4, 8))),
 }
 
 

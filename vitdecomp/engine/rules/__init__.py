@@ -9,5 +9,12 @@ from . import affine, attention, blocks, models, families  # noqa: E402,F401  (r
 from . import vit_variants  # noqa: E402,F401  (DeiT distilled, BEiT, CaiT, RelPos, post-norm, diff, parallel)
 from . import open_clip_timm  # noqa: E402,F401  (open_clip TimmModel towers)
 from . import swin_v2  # noqa: E402,F401  (Swin Transformer V2)
+from . import coatnet  # noqa: E402,F401  (CoAtNet, CoAtNeXt, MaxxViT, parallel MaxViT)
+from . import sam  # noqa: E402,F401  (SAM ViT: windowed attention, conv neck)
+from . import swin_v2_cr  # noqa: E402,F401  (Swin Transformer V2-CR)
+from . import xcit  # noqa: E402,F401  (XCiT: class-attention blocks with a class-token stream norm)
+from . import naflexvit  # noqa: E402,F401  (NaFlexVit: flexible patch embedding, ViT readouts)
+from . import levit  # noqa: E402,F401  (LeViT: BatchNorm linears, attention downsampling, mean readout)
+from . import pit  # noqa: E402,F401  (PiT: class-token stream through the pooling fc's)
 
 __all__ = ["ROLES", "RuleContext", "find_rule", "list_rules", "register_rule", "rule_for"]

@@ -59,7 +59,9 @@ def block_units(rule: BlockRule, index: int, level: int) -> list[Unit]:
             if getattr(a, "post", None) is not None:      # post-norm branch (Swin V2): frozen per-position σ
                 units.append(a.position_unit(br, index, level))
                 continue
-            proj = _linear(f"{br.path}.proj", a.out_proj())
+            # an attention whose out-projection is no nn.Linear (a 1×1 conv, a slice of a concat) gives its
+            # per-position matrix as ``out_linear()`` (``weight [D, H·dh]``, ``bias``)
+            proj = a.out_linear() if hasattr(a, "out_linear") else _linear(f"{br.path}.proj", a.out_proj())
             units.append(Unit("attn", br.path, "attn", index, level, _attn_hooks(br), br.gain,
                               a.num_heads, a.head_dim, proj))
         else:
@@ -150,9 +152,16 @@ class LatentPoolRule:
         b_v = b_kv[D:].view(H, dh)
         w_o = pool.proj.weight.to(dt).view(D, H, dh)
 
+        w_v_t = w_v.transpose(1, 2).contiguous()                                 # [H, D, dh], laid out once
+        w_o_flat = pool.proj.weight.to(dt)                                       # [D, H·dh]
+
         def lin(level, P):                                                       # P [B, K, H, D]
-            v = torch.einsum("bkhe,hde->bkhd", norm_linear(final, P, convention), w_v)
-            return torch.einsum("bkhd,ehd->bke", v, w_o)
+            # per pool head a batched matmul, then one mm through the out-projection (einsum here would
+            # copy the transposed weights on every call)
+            Bk, K = P.shape[:2]
+            Pn = norm_linear(final, P, convention).permute(2, 0, 1, 3).reshape(H, Bk * K, D)
+            v = torch.bmm(Pn, w_v_t)                                             # [H, B·K, dh]
+            return (v.permute(1, 0, 2).reshape(Bk * K, H * dh) @ w_o_flat.T).view(Bk, K, D)
 
         o_n = norm_offset(final, mu / sigma, convention)                         # [B, N, D] per-token offset
         o_pool = torch.einsum("bhn,bne->bhe", alpha, o_n)                        # Σ α = 1 per head
@@ -187,7 +196,7 @@ def vit_spatial_plan(m: nn.Module, check, grid) -> SpatialPlan:
     else:
         if m.global_pool != "avg":
             raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r} is not decomposed")
-        start = 0 if m.pool_include_prefix else npt
+        start = 0 if getattr(m, "pool_include_prefix", False) else npt     # EVA: patches only
     if final.kind == "identity":
         raise UnsupportedModuleError("norm: a per-position readout needs the final norm (this model has none)")
     post = [_post_norm("fc_norm", m.fc_norm)]
@@ -346,8 +355,12 @@ def swin_plan(m: nn.Module, family: str = "timm-swin") -> SpatialPlan:
         for lvl in range(first + 1, L + 1):                                      # merge offsets after embed
             if lvl in merges:
                 mu_m, sig_m = stats[lvl]
-                o = merges[lvl][1].offset(mu_m / sig_m, convention)
-                offset = offset + lin(lvl, torch.einsum("bgn,bne->bge", weights[lvl], o)[:, None])[:, 0]
+                rule = merges[lvl][1]
+                if hasattr(rule, "pooled_offset"):                                 # pooled before its matmul
+                    o = rule.pooled_offset(weights[lvl], mu_m / sig_m, convention)
+                else:
+                    o = torch.einsum("bgn,bne->bge", weights[lvl], rule.offset(mu_m / sig_m, convention))
+                offset = offset + lin(lvl, o[:, None])[:, 0]
         return ReadoutMaps(weights, lin, offset, store["z"].to(dt))
 
     def all_hooks(store):
@@ -397,6 +410,23 @@ def _avg_pool_only(path: str, pool: nn.Module) -> None:
                                      "max-pooling shortcuts are not decomposed")
 
 
+def _batchnorm_spec(path: str, bn: nn.Module) -> NormSpec:
+    """An eval-mode ``nn.BatchNorm2d`` (running statistics) as the per-channel affine map it is:
+    ``NormSpec("batchnorm", γ/√(var+eps), β − γ·mean/√(var+eps))`` (kind ``batchnorm``: never centred, no
+    per-position statistics)."""
+    if type(bn) is not nn.BatchNorm2d:
+        raise UnsupportedModuleError(f"{path}: {type(bn).__qualname__} is not a plain BatchNorm2d (a fused "
+                                     "activation is not affine)")
+    if bn.running_mean is None or bn.running_var is None:
+        raise UnsupportedModuleError(f"{path}: BatchNorm2d without running statistics normalises with batch "
+                                     "statistics even in eval mode; it is not decomposed")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+    return NormSpec("batchnorm", scale.detach(), shift.detach(), float(bn.eps))
+
+
 def maxvit_plan(m: nn.Module) -> SpatialPlan:
     """timm ``MaxxVit`` with MBConv + window + grid attention blocks (MaxViT).
 
@@ -410,7 +440,12 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
     ``z = W_pre · LN(mean_n x[n]) + b_pre`` — the input of ``head.pre_logits.act`` (tanh) when the head
     has a ``pre_logits`` layer, else the normed pooled vector (what the classifier consumes). The
     ``rw`` variants normalise every position before a plain mean-pool head instead (``norm``, frozen
-    per-position σ, like Swin's final norm).
+    per-position σ, like Swin's final norm); ``coatnet_bn`` variants use an eval BatchNorm2d there (a
+    per-channel affine map: nothing to freeze).
+
+    The other MaxxVit blocks (CoAtNet's top-level ``MbConvBlock`` / ``TransformerBlock2d``, CoAtNeXt and
+    MaxxViT's ``ConvNeXtBlock``, ``ParallelMaxxVitBlock``) are resolved through their registered rules
+    (:mod:`.coatnet`); every block whose shortcut is a ``Downsample2d`` starts a new level.
     """
     from timm.layers import LayerNorm2d
 
@@ -422,7 +457,12 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
             return NormSpec("layernorm", mod.weight, mod.bias, float(mod.eps))
         return _ln(path, mod)
 
-    final = None if isinstance(m.norm, nn.Identity) else spec2d("norm", m.norm)   # per-position (rw variants)
+    if isinstance(m.norm, nn.Identity):
+        final = None
+    elif isinstance(m.norm, nn.BatchNorm2d):      # coatnet_bn: eval BatchNorm, a per-channel affine map
+        final = _batchnorm_spec("norm", m.norm)
+    else:
+        final = spec2d("norm", m.norm)            # per-position (rw variants)
     hnorm = getattr(head, "norm", None)
 
     post = [PostOp("head.norm", spec=spec2d("head.norm", hnorm))] if hnorm is not None else []
@@ -439,8 +479,8 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
     for s, stage in enumerate(m.stages):
         for j, blk in enumerate(stage.blocks):
             path = f"stages.{s}.blocks.{j}"
-            rule = rule_for("block", path, blk, "is not timm's MaxxVitBlock (CoAtNet / parallel blocks are not "
-                            "decomposed)")(path, blk)
+            rule = rule_for("block", path, blk, "is not a MaxxVit block (MaxxVitBlock, ParallelMaxxVitBlock, "
+                            "MbConvBlock, ConvNeXtBlock, TransformerBlock2d)")(path, blk)
             i = len(blocks)
             blocks.append((i, path, blk))
             level_in.append(level)
@@ -484,7 +524,9 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
         B = total.shape[0]
         weights = {lvl: w.reshape(1, 1, -1).expand(B, 1, -1) for lvl, w in maps2d.items()}
         offset = torch.zeros(B, total.shape[1], dtype=dt, device=dev)
-        if final is not None:                         # per-position final norm: weights scale by 1/σ_n
+        if final is not None and final.kind == "batchnorm":     # no statistics: static weights, β' to the offset
+            offset = offset + final.bias.to(dt)
+        elif final is not None:                       # per-position final norm: weights scale by 1/σ_n
             xf = store["final_in"].to(dt)
             mu, sig = layernorm_stats(xf, final)
             offset = offset + norm_offset(final, mu / sig, convention).mean(1)
@@ -555,6 +597,16 @@ class PatchMergeRule:
         o = norm_offset(self.spec, mu_over_sigma, convention) @ self.reduction.weight.to(mu_over_sigma.dtype).T
         return o if self.reduction.bias is None else o + self.reduction.bias.to(o.dtype)
 
+    def pooled_offset(self, w: Tensor, mu_over_sigma: Tensor, convention: str) -> Tensor:
+        """``Σ_n w[b, g, n] · offset[b, n]``, ``[B, G, C']`` for readout weights ``w [B, G, N']``: the norm's
+        per-position offsets are pooled first and reduced once (the reduction is linear), instead of one
+        reduction per merged position. A subclass with its own :meth:`offset` pools that one."""
+        if type(self).offset is not PatchMergeRule.offset:
+            return torch.einsum("bgn,bne->bge", w, self.offset(mu_over_sigma, convention))
+        no = norm_offset(self.spec, mu_over_sigma, convention)                               # [B, N', 4C]
+        o = torch.einsum("bgn,bne->bge", w, no) @ self.reduction.weight.to(no.dtype).T
+        return o if self.reduction.bias is None else o + w.sum(-1, keepdim=True) * self.reduction.bias.to(o.dtype)
+
 
 @dataclass
 class ReduceNormMergeRule(PatchMergeRule):
@@ -624,7 +676,8 @@ def maxxvit_block(path: str, blk: nn.Module) -> BlockRule:
     (``block`` rules), channels-last."""
     if blk.nchw_attn:
         raise UnsupportedModuleError(f"{path}: MaxxVitBlock with NCHW attention is not decomposed (channels-last only)")
-    conv = rule_for("branch", f"{path}.conv", blk.conv, "is not an MbConvBlock")(f"{path}.conv", blk.conv)
+    conv = rule_for("branch", f"{path}.conv", blk.conv, "is not an MbConvBlock or ConvNeXtBlock")(f"{path}.conv",
+                                                                                                  blk.conv)
     parts, first = [conv], None
     for part in ("attn_block", "attn_grid"):
         pa = getattr(blk, part)
@@ -638,12 +691,13 @@ def maxxvit_block(path: str, blk: nn.Module) -> BlockRule:
                      branches=parts, downsample=conv.merge)
 
 
-def mbconv_branch(path: str, conv: nn.Module) -> Branch:
-    """timm ``MbConvBlock`` as one ``conv`` branch (BatchNorm, depthwise conv and SE frozen inside): its
-    output is ``conv3_1x1``'s; a ``Downsample2d`` shortcut is its ``merge``."""
+def mbconv_branch(path: str, conv: nn.Module, name: Optional[str] = None) -> Branch:
+    """timm ``MbConvBlock`` at ``path`` as one ``conv`` branch named ``name`` (default ``path``; BatchNorm,
+    depthwise conv and SE frozen inside): its output is ``conv3_1x1``'s; a ``Downsample2d`` shortcut is its
+    ``merge``."""
     sc = conv.shortcut
     merge = None if isinstance(sc, nn.Identity) else rule_for("merge", f"{path}.shortcut", sc)(f"{path}.shortcut", sc)
-    return Branch("conv", path, conv.conv3_1x1, _gain(path, ("drop_path", conv.drop_path)),
+    return Branch("conv", name or path, conv.conv3_1x1, _gain(path, ("drop_path", conv.drop_path)),
                   to_positions=lambda t, _: _nchw_seq(t), merge=merge)
 
 

@@ -3,8 +3,8 @@
 The readout ``z`` is ``post(pool(x_L))``: the last block's residual stream ``x_L [B, N, D]``
 pooled over positions (CLS token or mean of patch tokens) and then a chain of affine maps with
 frozen statistics (final LayerNorm, pooled-feature norm, projection). A per-token norm followed by
-mean pooling is not a map of the pooled stream and is refused (it needs per-position readout
-weights; see the README's support table).
+mean pooling is not a map of the pooled stream: it weighs every position by its own frozen ``1/σ_n``
+and goes through a per-position plan (:class:`~.spatial.SpatialPlan`), as do attention-pool heads.
 """
 from __future__ import annotations
 
@@ -124,6 +124,37 @@ def _size_check(m: nn.Module, what: str) -> Callable[[Tensor], None]:
     return _fixed_size_check(pe.img_size, what)
 
 
+def vit_plan(m: nn.Module, family: str, what: str, has_cls: bool, check: Callable[[Tensor], None],
+             grid: Callable[[tuple[int, int]], tuple[int, int]]):
+    """The plan of a timm ViT-style tower: ``blocks``, final ``norm``, ``attn_pool`` or ``global_pool``
+    (``'token'`` / ``'avg'`` over ``num_prefix_tokens:`` unless ``pool_include_prefix``), ``fc_norm``,
+    ``head_drop``; readout ``forward_head(forward_features(x), pre_logits=True)``. Used by timm
+    ``VisionTransformer`` and ``NaFlexVit`` (:mod:`.naflexvit`).
+
+    CLS / mean pooling without a per-token norm: a :class:`ModelPlan` (``family``). An attention pool
+    (MAP head) or a per-token final norm before mean pooling: the per-position plan of
+    :func:`~.families.vit_spatial_plan` (families ``timm-vit-map`` / ``timm-vit-gap``)."""
+    npt = m.num_prefix_tokens
+    if m.attn_pool is not None or (m.global_pool == "avg" and not isinstance(m.norm, nn.Identity)):
+        from .families import vit_spatial_plan
+
+        return vit_spatial_plan(m, check, grid)
+    if m.global_pool == "token":
+        if npt < 1 or not has_cls:
+            raise UnsupportedModuleError(f"{what} with global_pool='token' but no class token")
+        pooling = Pooling("token", index=0)
+    elif m.global_pool == "avg":
+        pooling = Pooling("avg", start=0 if m.pool_include_prefix else npt)
+    else:
+        raise UnsupportedModuleError(f"{what} global_pool={m.global_pool!r}: only 'token', 'avg' and 'map' are "
+                                     "linear readouts (max pooling is not)")
+    rule_for("scale", "head_drop", m.head_drop)
+    return ModelPlan(
+        family=family, root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
+        post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
+        readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid, check_input=check)
+
+
 def _register() -> None:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     from open_clip.model import CLIP, CustomTextCLIP
@@ -131,39 +162,19 @@ def _register() -> None:
 
     @register_rule("model", TimmViT)
     def timm_vit(m: TimmViT) -> ModelPlan:
-        npt = m.num_prefix_tokens
-        pe = m.patch_embed
-        if m.attn_pool is not None or (m.global_pool == "avg" and not isinstance(m.norm, nn.Identity)):
-            from .families import vit_spatial_plan
-
-            return vit_spatial_plan(m, _size_check(m, "this timm ViT"), _patch_grid(pe))
-        if m.global_pool == "token":
-            if npt < 1 or m.cls_token is None:
-                raise UnsupportedModuleError("timm ViT with global_pool='token' but no class token")
-            pooling = Pooling("token", index=0)
-        elif m.global_pool == "avg":
-            if not isinstance(m.norm, nn.Identity):
-                raise UnsupportedModuleError("norm: per-token final norm followed by mean pooling is not supported yet")
-            pooling = Pooling("avg", start=0 if m.pool_include_prefix else npt)
-        else:
-            raise UnsupportedModuleError(f"timm ViT global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")
-        rule_for("scale", "head_drop", m.head_drop)
-
-        pe = m.patch_embed
-        check, grid = _size_check(m, "this timm ViT"), _patch_grid(pe)
-
-        return ModelPlan(
-            family="timm-vit", root=m, blocks=_blocks("blocks", m.blocks), pooling=pooling,
-            post=[_norm("norm", m.norm), _norm("fc_norm", m.fc_norm)], layout="BND", num_prefix_tokens=npt,
-            readout=lambda x: m.forward_head(m.forward_features(x), pre_logits=True), grid=grid, check_input=check)
+        return vit_plan(m, "timm-vit", "timm ViT", m.cls_token is not None, _size_check(m, "this timm ViT"),
+                        _patch_grid(m.patch_embed))
 
     from timm.models.eva import Eva
 
     @register_rule("model", Eva)
     def timm_eva(m: Eva) -> ModelPlan:
-        """EVA / EVA-02 / Perception Encoder: rotary embeddings live in the attention rule; readout as for
-        timm ViT. An attention-pool (MAP) head (PE core) is a per-position readout: the same plan as a
-        timm ViT's MAP head (:func:`~.families.vit_spatial_plan`, the ``pool`` rule of the pool)."""
+        """EVA / EVA-02 / Perception Encoder / DINOv3: rotary embeddings live in the attention rule; readout
+        as for timm ViT. An attention-pool (MAP) head (PE core) is a per-position readout: the same plan as a
+        timm ViT's MAP head (:func:`~.families.vit_spatial_plan`, the ``pool`` rule of the pool). A per-token
+        final norm before mean pooling (DINOv3's default ``global_pool='avg'``, ``use_fc_norm=False``; timm
+        averages the patch tokens only, class and register tokens excluded) is the same per-position plan as
+        a timm ViT's (:func:`~.families.vit_spatial_plan`: each patch weighted by its frozen ``1/σ_n``)."""
         if getattr(m, "patch_drop", None) is not None:
             raise UnsupportedModuleError("patch_drop: EVA with patch dropout is not decomposed")
         if m.attn_pool is not None:
@@ -177,8 +188,11 @@ def _register() -> None:
                 raise UnsupportedModuleError("EVA with global_pool='token' but no class token")
             pooling = Pooling("token", index=0)
         elif m.global_pool == "avg":
-            if not isinstance(m.norm, nn.Identity):
-                raise UnsupportedModuleError("norm: per-token final norm followed by mean pooling is not supported for EVA")
+            if not isinstance(m.norm, nn.Identity):    # DINOv3: norm(x_L) per token, mean over patches
+                from .families import vit_spatial_plan
+
+                plan = vit_spatial_plan(m, _size_check(m, "this timm EVA"), _patch_grid(m.patch_embed))
+                return with_post(plan, [], family="timm-eva-gap")
             pooling = Pooling("avg", start=npt)
         else:
             raise UnsupportedModuleError(f"EVA global_pool={m.global_pool!r}: only 'token' and 'avg' are linear")

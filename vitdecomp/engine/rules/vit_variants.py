@@ -1,5 +1,5 @@
 """ViT variants: DeiT distilled, BEiT / BEiT v2 / data2vec, CaiT, ``VisionTransformerRelPos``, post-norm
-blocks (timm ``ResPostRelPosBlock``, ``EvaBlockPostNorm``), differential attention, parallel blocks
+blocks (timm ``ResPostRelPosBlock``, ``ResPostBlock``, ``EvaBlockPostNorm``), differential attention, parallel blocks
 (``ParallelScalingBlock``, ``DiffParallelScalingBlock``, ``ParallelThingsBlock``); SAM ViT refused.
 
 Readouts: CLS / ``fc_norm`` after mean pooling go through :class:`~.models.ModelPlan`; readouts that weigh
@@ -326,6 +326,57 @@ def _register_eva_post_norm() -> None:
         """EVA post-norm block: ``x + dp1(n1(attn(x)))``, ``x + dp2(n2(mlp(x)))``."""
         attn_path = f"{path}.attn"
         rule = EvaPostNormAttention(attn_path, module.attn).with_post_norm(f"{path}.norm1", module.norm1)
+        rule_for("norm", f"{path}.norm2", module.norm2)
+        return BlockRule(path, attn_path, rule, f"{path}.mlp", module.norm2,
+                         _gain(path, ("drop_path1", module.drop_path1)), _gain(path, ("drop_path2", module.drop_path2)))
+
+
+# ------------------------------------------------------------------------------- ViT ResPostBlock
+class TimmPostNormAttention(ProjInputAttention):
+    """timm ``Attention`` inside a post-norm ``ResPostBlock`` (fused qkv Linear, optional q/k norms):
+    heads from the out-projection input; token terms recompute the readout rows from the captured
+    block input. A sub-norm (``scale_attn_norm``) or an output gate is refused."""
+
+    def __init__(self, path: str, module: nn.Module):
+        for name in ("qkv", "proj"):
+            if not isinstance(getattr(module, name, None), nn.Linear):
+                raise UnsupportedModuleError(f"{path}.{name}: {type(getattr(module, name, None)).__qualname__} is not "
+                                             "an nn.Linear")
+        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+            raise UnsupportedModuleError(f"{path}.norm: an attention sub-norm (scale_attn_norm=True) inside a "
+                                         "post-norm ResPostBlock is not supported yet; build without it")
+        if getattr(module, "gate", None) is not None:
+            raise UnsupportedModuleError(f"{path}.gate: gated attention inside a ResPostBlock is not supported yet")
+        super().__init__(path, module, module.num_heads, module.head_dim)
+
+    def rows(self, cap, pos, w, dt):
+        m, H, dh = self.module, self.num_heads, self.head_dim
+        x = cap["x"].to(dt)
+        B, N, _ = x.shape
+        q, k, v = _lin(x, m.qkv, dt).reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = m.q_norm(q), m.k_norm(k)
+        return readout_rows(_scores(q[:, :, pos], k, m.scale), w), v
+
+
+def _register_respost() -> None:
+    from timm.models.vision_transformer import ResPostBlock
+
+    from .attention import TimmAttention
+
+    @register_rule("block", ResPostBlock)
+    def respost_block(path: str, module: nn.Module) -> BlockRule:
+        """timm ``ResPostBlock`` (``vit_base_patch16_rpn_224``): post-norm ``x + dp1(n1(attn(x)))``,
+        ``x + dp2(n2(mlp(x)))``, the same post-norm units as ``ResPostRelPosBlock`` (module docstring).
+        The attention's registered rule decides: timm ``Attention`` is read by
+        :class:`TimmPostNormAttention`; a rule that reads the out-projection input already is used as is."""
+        attn_path = f"{path}.attn"
+        inner = rule_for("attention", attn_path, module.attn)(attn_path, module.attn)
+        if isinstance(inner, ProjInputAttention):
+            return _post_norm_block(path, module)
+        if not isinstance(inner, TimmAttention):
+            raise UnsupportedModuleError(f"{attn_path}: {type(module.attn).__qualname__} inside a post-norm ResPostBlock "
+                                         "is not supported (its rule does not read the out-projection input)")
+        rule = TimmPostNormAttention(attn_path, module.attn).with_post_norm(f"{path}.norm1", module.norm1)
         rule_for("norm", f"{path}.norm2", module.norm2)
         return BlockRule(path, attn_path, rule, f"{path}.mlp", module.norm2,
                          _gain(path, ("drop_path1", module.drop_path1)), _gain(path, ("drop_path2", module.drop_path2)))
@@ -813,23 +864,10 @@ def _register_cait() -> None:
                                     stream_len=1)
 
 
-# ------------------------------------------------------------------------------------------- SAM
-def _register_sam() -> None:
-    from timm.models.vision_transformer_sam import VisionTransformerSAM
-
-    @register_rule("model", VisionTransformerSAM)
-    def sam(m: nn.Module):
-        """Refused: SAM's readout is not a linear map of the residual stream's pooled tokens."""
-        raise UnsupportedModuleError(
-            "VisionTransformerSAM: the readout goes through the neck (1×1 conv, LayerNorm2d per position, 3×3 conv, "
-            "LayerNorm2d) before pooling, and its windowed attention adds query-dependent decomposed relative "
-            "position terms; vitdecomp does not decompose SAM ViTs yet (use a plain timm ViT, DeiT or BEiT).")
-
-
 for _register in (_register_beit, _register_relpos, _register_eva_post_norm, _register_diff, _register_parallel,
-                  _register_deit,
-                  _register_cait, _register_sam):
+                  _register_deit, _register_respost,
+                  _register_cait):
     _register()
 del _register
 
-__all__ = ["ProjInputAttention"]
+__all__ = ["ProjInputAttention", "TimmPostNormAttention"]
