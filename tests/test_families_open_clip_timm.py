@@ -3,8 +3,8 @@ exact decomposition of ``encode_image`` for supported trunks, a clear refusal be
 for the others, and ``load_model`` for them.
 
 The architectures are real open_clip names built with config overrides (``load_model(name, vision_cfg=…,
-text_cfg=…)``): the timm trunk is a registered timm entrypoint that builds the config's own
-``timm_model_name`` with small widths/depths, the text tower a tiny transformer; open_clip's own
+text_cfg=…)``): the timm trunk is a registered timm entrypoint (``vitdecomp.zoo.register_tiny_timm``, as
+the zoo sweep does) that builds the config's own ``timm_model_name`` with small widths/depths, the text tower a tiny transformer; open_clip's own
 ``TimmModel`` builds the tower (trunk, classifier, pool, head).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModuleError
+from vitdecomp.zoo import register_tiny_timm
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -58,23 +59,13 @@ EXACT = ["ViT-B-16-SigLIP", "EVA02-B-16", "vit_medium_patch16_gap_256", "swin_ba
 
 
 def _tiny_name(base: str) -> str:
-    return f"vdtest_tiny__{base}"
+    """The registered timm entrypoint that builds ``base`` small (the library's helper, shared with the zoo sweep)."""
+    return register_tiny_timm(base, TRUNKS[base])
 
 
-@functools.lru_cache(maxsize=None)
 def _register() -> None:
-    """Register the small timm trunks with timm (entrypoints named ``vdtest_tiny__<timm name>``)."""
-    import timm
-    from timm.models import register_model
-
-    for base, shrink in TRUNKS.items():
-        def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, _b=base,
-                  _s=shrink, **kw):
-            return timm.create_model(_b, pretrained=False, **{**_s, **kw})
-        entry.__name__ = _tiny_name(base)
-        entry.__module__ = __name__
-        if entry.__name__ not in timm.list_models():
-            register_model(entry)
+    for base in TRUNKS:
+        _tiny_name(base)
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,77 @@ def test_zoo_sample_has_no_bugs():
     bugs = [(r.name, r.status, r.message[:300]) for r in rs if r.status in zoo.BUGS]
     assert not bugs, bugs
     assert any(r.status == "exact" for r in rs) and all(r.message for r in rs if r.status == "refused")
+
+
+def test_register_tiny_timm_builds_the_base_small():
+    """The registered entrypoint builds the base architecture with the shrink overrides (the caller's
+    own keyword arguments win); registering again returns the same name and keeps one entry."""
+    import timm
+    import torch
+
+    shrink = dict(depth=1, embed_dim=32, num_heads=2)
+    name = zoo.register_tiny_timm("vit_base_patch16_siglip_224", shrink)
+    assert name == zoo.register_tiny_timm("vit_base_patch16_siglip_224", dict(shrink)) == \
+        zoo.tiny_timm_name("vit_base_patch16_siglip_224", shrink)
+    assert name.startswith(zoo.TINY_PREFIX) and name.endswith("__vit_base_patch16_siglip_224")
+    assert zoo.tiny_timm_name("vit_base_patch16_siglip_224", dict(depth=2)) != name
+    m = timm.create_model(name, num_classes=0, global_pool="map")
+    ref = timm.create_model("vit_base_patch16_siglip_224", num_classes=0, global_pool="map", **shrink)
+    assert type(m) is type(ref) and len(m.blocks) == 1 and m.embed_dim == 32 and m.global_pool == "map"
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+
+
+def test_open_clip_timm_tower_is_shrunk_through_a_tiny_trunk():
+    """An open_clip tower on a timm trunk gets small trunks (first: the ViT-like shrink) and a small text
+    tower, and the budget counts the vision tower only."""
+    c = zoo.shrink_candidates("open_clip:ViT-SO400M-14-SigLIP")
+    vc, tc = c[0]["vision_cfg"], c[0]["text_cfg"]
+    assert vc["timm_model_name"] == zoo.tiny_timm_name("vit_so400m_patch14_siglip_224", zoo.TRUNK_SHRINKS[0])
+    assert vc["timm_pool"] == "map" and (tc["layers"], tc["width"]) == (1, 64) and c[-1] == {}
+    size = zoo.meta_params("open_clip:ViT-SO400M-14-SigLIP", c[0])
+    import open_clip
+    import torch
+
+    with torch.device("meta"):
+        m = open_clip.create_model("ViT-SO400M-14-SigLIP", pretrained=None, device="meta", **c[0])
+    assert size == sum(p.numel() for p in m.visual.parameters()) < sum(p.numel() for p in m.parameters())
+    assert size < 2_000_000
+
+
+@pytest.mark.parametrize("arch, status, where", [
+    ("ViT-SO400M-14-SigLIP", "exact", ""),            # timm trunk (was too large: 430M with the text tower)
+    ("ViT-bigG-14", "exact", ""),                     # open_clip ViT: 2 blocks, then 128 wide
+    ("convnext_xxlarge", "refused", "trunk: no model rule for timm.models.convnext.ConvNeXt"),
+    ("RN50x64", "refused", "visual: no model rule for open_clip.modified_resnet.ModifiedResNet"),
+])
+def test_open_clip_large_architectures_fit_the_budget(arch, status, where):
+    r = zoo.check_model(f"open_clip:{arch}", "open_clip")
+    assert r.status == status, r.message
+    assert r.params <= zoo.MAX_PARAMS and r.message.startswith(where)
+    if status == "exact":
+        assert r.residual <= zoo.TOL and r.readout_error <= zoo.TOL
+
+
+def test_hf_text_tower_stays_build_failed():
+    """Towers whose text model comes from HuggingFace need ``transformers`` (not a dependency): upstream
+    refuses to build them, and the sweep says so."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        pytest.skip("transformers is installed here")
+    r = zoo.check_model("open_clip:roberta-ViT-B-32", "open_clip")
+    assert r.status == "build_failed" and "transformers" in r.message
+
+
+def test_workers_import_registered_extensions():
+    """Architectures registered by an extension module in the parent (the toy world's CLIP) build in the
+    spawned workers too."""
+    import vitdecomp.toyworld  # noqa: F401 -- registers open_clip:vitdecomp-toy-clip here
+    from vitdecomp.models import extension_modules
+
+    assert "vitdecomp.toyworld" in extension_modules()
+    rs = zoo.sweep({"open_clip:vitdecomp-toy-clip": "open_clip"}, workers=1, timeout_s=300)
+    assert rs[0].status == "exact", rs[0].message

@@ -1,10 +1,12 @@
 """Benchmarks that measure ratios in one run (`vitdecomp benchmark <name>` prints them).
 
 ``overhead``: plain forward vs. per-head decomposition of the same model on the same batch, in one
-process, interleaved repetitions; median times, their ratio and peak memory of each mode.
+process, interleaved repetitions; median times (wall clock and the process's CPU time), their ratios
+and peak memory of each mode. ``overhead_families``: the same for every supported family's stand-in.
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -16,10 +18,12 @@ import torch
 from .engine import components_for, decompose, plan_for
 from .models import load_model
 
+log = logging.getLogger(__name__)
 
-def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: int, q) -> None:
+
+def _peak_child(mode: str, model: str, batch: int, heads: bool, blocks, seed: int, q, model_kwargs=None) -> None:
     """In a fresh process: build the model and batch, run ``mode`` once, report peak RSS growth."""
-    lm = load_model(model, pretrained=False, seed=seed)
+    lm = load_model(model, pretrained=False, seed=seed, **(model_kwargs or {}))
     x = torch.randn(batch, 3, *lm.image_size)
     plan = plan_for(lm.vision)
     with PeakRSS(0.001) as mem:
@@ -65,8 +69,9 @@ class PeakRSS:
 
 
 def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=None, seed: int = 0,
-                device: Optional[torch.device] = None) -> int:
-    """Peak memory growth (bytes) of one call of ``mode`` ("plain" or "decompose").
+                device: Optional[torch.device] = None, model_kwargs: Optional[dict] = None) -> int:
+    """Peak memory growth (bytes) of one call of ``mode`` ("plain" or "decompose") of ``model`` built
+    with ``model_kwargs``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` around the call. CPU: the call runs once in a fresh
     process (with glibc's mmap threshold at 64 KiB) and the growth of its resident set, sampled
@@ -74,7 +79,7 @@ def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=No
     """
     if device is not None and device.type == "cuda":
     
-        lm = load_model(model, pretrained=False, device=device, seed=seed)
+        lm = load_model(model, pretrained=False, device=device, seed=seed, **(model_kwargs or {}))
         x = torch.randn(batch, 3, *lm.image_size, device=device)
         plan = plan_for(lm.vision)
         torch.cuda.synchronize(device)
@@ -90,7 +95,7 @@ def peak_memory(mode: str, model: str, batch: int, heads: bool = True, blocks=No
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_peak_child, args=(mode, model, batch, heads, blocks, seed, q))
+    p = ctx.Process(target=_peak_child, args=(mode, model, batch, heads, blocks, seed, q, model_kwargs))
     # glibc serves allocations >= 64 KiB with mmap and unmaps them on free, so the resident set
     # tracks live tensors instead of the heap's high-water mark
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -119,13 +124,14 @@ def _timed(fn: Callable, device: torch.device) -> float:
 
 def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: int = 5, device: Optional[str] = None,
              dtype: str = "fp32", heads: bool = True, blocks: Optional[list[int]] = None, threads: Optional[int] = None,
-             seed: int = 0) -> dict:
-    """Time a plain forward and a decomposition, interleaved, ``reps`` times each; return the figures."""
+             seed: int = 0, model_kwargs: Optional[dict] = None) -> dict:
+    """Time a plain forward and a decomposition, interleaved, ``reps`` times each; return the figures
+    (``model`` built with ``model_kwargs``, random init)."""
 
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lm = load_model(model, pretrained=False, device=dev, seed=seed)
+    lm = load_model(model, pretrained=False, device=dev, seed=seed, **(model_kwargs or {}))
     x = torch.randn(batch, 3, *lm.image_size, device=dev)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
@@ -141,22 +147,83 @@ def overhead(model: str = "timm:vit_base_patch16_224", batch: int = 32, reps: in
     plain = run(lambda: _no_grad(plan.readout, x))
     decomp = run(lambda: decompose(lm, x, heads=heads, blocks=blocks))
     plain(), decomp()                                   # warm-up (allocator, kernels, hooks)
-    t_plain, t_dec = [], []
+    t_plain, t_dec, c_plain, c_dec = [], [], [], []
     for _ in range(reps):
+        c0 = time.process_time()
         t_plain.append(_timed(plain, dev))
+        c1 = time.process_time()
         t_dec.append(_timed(decomp, dev))
+        c_plain.append(c1 - c0)
+        c_dec.append(time.process_time() - c1)
     d = decomp()
-    mem_plain = peak_memory("plain", model, batch, heads, blocks, seed, dev) if dtype == "fp32" else float("nan")
-    mem_dec = peak_memory("decompose", model, batch, heads, blocks, seed, dev) if dtype == "fp32" else float("nan")
+    mem_plain = peak_memory("plain", model, batch, heads, blocks, seed, dev, model_kwargs) if dtype == "fp32" \
+        else float("nan")
+    mem_dec = peak_memory("decompose", model, batch, heads, blocks, seed, dev, model_kwargs) if dtype == "fp32" \
+        else float("nan")
     mp, md = statistics.median(t_plain), statistics.median(t_dec)
     return {
-        "model": model, "device": str(dev), "dtype": dtype, "batch": batch, "reps": reps,
+        "model": model, "model_kwargs": dict(model_kwargs or {}), "device": str(dev), "dtype": dtype, "batch": batch,
+        "reps": reps,
         "components": len(d.names), "d": d.readout.shape[-1], "residual": float(d.residual().max()),
         "plain_s": mp, "decompose_s": md, "ratio": md / mp,
         "ratio_per_rep": [b / a for a, b in zip(t_plain, t_dec)],
+        # CPU time of this process (all its threads): on a shared machine the wall-clock ratio also
+        # measures the other processes' load; the CPU-time ratio is the work ratio (CPU device only)
+        "plain_cpu_s": statistics.median(c_plain), "decompose_cpu_s": statistics.median(c_dec),
+        "cpu_ratio": statistics.median(c_dec) / statistics.median(c_plain) if dev.type == "cpu" else float("nan"),
         "plain_peak_mib": mem_plain / 2**20, "decompose_peak_mib": mem_dec / 2**20,
         "contributions_mib": d.contributions.numel() * d.contributions.element_size() / 2**20,
     }
+
+
+# small-build ``model_kwargs`` of :func:`vitdecomp.models.supported_families` that only shrink the stand-in
+# (dropped for ``size="full"``); the others (``use_post_norm``, ``fc_norm`` …) select the family's structure
+SIZE_KWARGS = frozenset({"depth", "depths", "embed_dim", "num_heads", "img_size", "window_size", "stem_width",
+                         "head_hidden_size", "transformer_dim_head", "depth_token_only", "cls_attn_layers",
+                         "neck_chans", "global_attn_indexes", "dims", "layers", "embed_dims"})
+
+
+def family_builds(families="all", size: str = "full") -> list[tuple[str, str, dict]]:
+    """``[(family, stand-in model, model_kwargs)]`` for the labels of :func:`vitdecomp.models.supported_families`
+    (``"all"`` or a list): ``size="small"`` keeps the stand-in's small-build kwargs (the tests' sizes),
+    ``"full"`` drops those in :data:`SIZE_KWARGS` (the stand-in's own default sizes)."""
+    from .errors import InputError
+    from .models import supported_families
+
+    fams = supported_families()
+    names = list(fams) if families == "all" or list(families) == ["all"] else list(families)
+    unknown = [f for f in names if f not in fams]
+    if unknown:
+        raise InputError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown} for the overhead benchmark; "
+                         f"choose among {sorted(fams)} or 'all' (vitdecomp.models.supported_families())")
+    if size not in ("small", "full"):
+        raise InputError(f"size must be 'small' or 'full', got {size!r}")
+    out = []
+    for f in names:
+        model, kw = fams[f]
+        out.append((f, model, kw if size == "small" else {k: v for k, v in kw.items() if k not in SIZE_KWARGS}))
+    return out
+
+
+def overhead_families(families="all", size: str = "full", batch: int = 4, reps: int = 3, device: Optional[str] = None,
+                      heads: bool = True, threads: Optional[int] = None, seed: int = 0,
+                      progress: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """:func:`overhead` for each family's stand-in (:func:`family_builds`), in one run: per family the
+    time ratio decompose/forward and the peak-memory ratio (``mem_ratio``). A family whose build or
+    decomposition fails gets ``{"family", "model", "error"}`` and the run goes on."""
+    rows = []
+    for fam, model, kw in family_builds(families, size):
+        try:
+            r = overhead(model, batch, reps, device, "fp32", heads, threads=threads, seed=seed, model_kwargs=kw)
+            r["family"] = fam
+            r["mem_ratio"] = r["decompose_peak_mib"] / r["plain_peak_mib"] if r["plain_peak_mib"] > 0 else float("nan")
+        except Exception as e:  # noqa: BLE001 -- one family's failure is reported in its row
+            log.warning("overhead %s (%s): %s", fam, model, e)
+            r = {"family": fam, "model": model, "model_kwargs": kw, "error": f"{type(e).__name__}: {e}"[:300]}
+        rows.append(r)
+        if progress:
+            progress(r)
+    return rows
 
 
 def _no_grad(fn, x):

@@ -3,7 +3,8 @@ small with random weights, either decomposes exactly or is refused with :class:`
 
 For each architecture (one entry per name, without pretrained tags) :func:`check_model` builds a
 shrunk random-initialised model (:func:`shrink_candidates`: fewer blocks, narrower widths where the
-constructor accepts them, else the default build), runs :func:`vitdecomp.decompose` on seeded random
+constructor accepts them, else the default build; open_clip towers on a timm trunk get a small trunk
+registered with timm by :func:`register_tiny_timm`), runs :func:`vitdecomp.decompose` on seeded random
 images at the model's own input size and classifies the result (:data:`STATUSES`):
 
 * ``exact`` — the readout is the model's own (timm ``forward_head(forward_features(x), pre_logits=True)``,
@@ -11,7 +12,8 @@ images at the model's own input size and classifies the result (:data:`STATUSES`
 * ``refused`` — :class:`~vitdecomp.errors.UnsupportedModuleError` (its message is kept);
 * ``foreign`` — any other exception from vitdecomp (a bug);
 * ``wrong`` — a readout that is not the model's own, or a reconstruction error above :data:`TOL` (a bug);
-* ``too_large`` — more parameters than the budget even when shrunk;
+* ``too_large`` — more parameters than the budget even when shrunk (:func:`budget_params`: open_clip
+  counts the vision tower only);
 * ``build_failed`` — the upstream constructor or the model's own forward fails (not ours);
 * ``timeout`` — the model did not finish within the per-model time limit (its worker is killed).
 
@@ -97,24 +99,79 @@ def architectures(timm_filter: str = "", open_clip_filter: str = "", libraries=(
     return out
 
 
+# timm trunk overrides tried for an open_clip tower built on a timm model (``vision_cfg.timm_model_name``),
+# first that the constructor accepts wins: ViT-like (depth/width), Swin-like, ConvNeXt-like, generic stages,
+# FastViT-like (``layers``), then the default build.
+TRUNK_SHRINKS: tuple[dict, ...] = (
+    dict(depth=2, embed_dim=128, num_heads=2), dict(depth=2),
+    dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(2, 2, 2, 2)), dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128)),
+    dict(depths=(1, 1, 1, 1)), dict(depths=(1, 1, 1)), dict(layers=(1, 1, 1, 1, 1), embed_dims=(64, 64, 128, 128, 256)),
+    dict(layers=(1, 1, 1, 1), embed_dims=(64, 64, 128, 128)), {},
+)
+TINY_PREFIX = "vitdecomp_tiny_"
+
+
+def tiny_timm_name(base: str, shrink: dict) -> str:
+    """The timm name :func:`register_tiny_timm` registers for ``base`` built with ``shrink``:
+    ``vitdecomp_tiny_<digest of shrink>__<base>`` (deterministic, so every process derives the same)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(shrink, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return f"{TINY_PREFIX}{digest}__{base}"
+
+
+def register_tiny_timm(base: str, shrink: dict) -> str:
+    """Register (once per process) a timm entrypoint that builds the timm model ``base`` with the overrides
+    ``shrink`` (the caller's own keyword arguments win, e.g. open_clip's ``num_classes``/``global_pool``),
+    and return its name. open_clip builds a tower's trunk by name (``vision_cfg.timm_model_name``), so a
+    small trunk of a real open_clip architecture is ``vision_cfg={..., "timm_model_name": <this name>}``;
+    nothing of timm or open_clip is patched. Spawned workers register again (see :func:`shrink_candidates`)."""
+    import timm
+    from timm.models import register_model
+
+    name = tiny_timm_name(base, shrink)
+    if not timm.is_model(name):
+        def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kw):
+            return timm.create_model(base, pretrained=False, **{**shrink, **kw})
+
+        entry.__name__ = entry.__qualname__ = name
+        entry.__module__ = __name__
+        register_model(entry)
+    return name
+
+
 def _open_clip_shrunk(arch: str) -> list[dict]:
-    """open_clip overrides: the config with 2 vision blocks (where it is a plain int) and a 1-block,
-    64-wide text tower; ``{}`` last."""
+    """open_clip overrides, in order: a small vision tower — a timm trunk (``timm_model_name``) rebuilt
+    through :func:`register_tiny_timm` with each of :data:`TRUNK_SHRINKS`; an open_clip ViT with 2 blocks
+    (then also 128 wide); a ModifiedResNet with one block per stage (then also 32 wide) — each with a
+    1-block, 64-wide text tower (and CoCa multimodal decoder); then the text-tower shrink alone; ``{}`` last.
+    Text towers from HuggingFace (``hf_model_name``) are kept: they need ``transformers``."""
     import open_clip
 
     cfg = open_clip.get_model_config(arch) or {}
-    out = []
-    vc, tc = copy.deepcopy(cfg.get("vision_cfg") or {}), copy.deepcopy(cfg.get("text_cfg") or {})
-    kw = {}
-    if isinstance(vc.get("layers"), int) and vc["layers"] > 2:
-        vc["layers"] = 2
-        kw["vision_cfg"] = vc
-    if isinstance(tc.get("layers"), int) and not tc.get("hf_model_name"):   # the text tower is not decomposed
-        tc.update(layers=1, width=64, heads=2)
-        kw["text_cfg"] = tc
-    if kw:
-        out.append(kw)
-    out.append({})
+    vc0, tc0 = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+    common = {}
+    if isinstance(tc0.get("layers"), int) and not tc0.get("hf_model_name"):   # the text tower is not decomposed
+        common["text_cfg"] = {**copy.deepcopy(tc0), "layers": 1, "width": 64, "heads": 2}
+    mc0 = cfg.get("multimodal_cfg")
+    if isinstance(mc0, dict) and isinstance(mc0.get("layers"), int):
+        common["multimodal_cfg"] = {**copy.deepcopy(mc0), "layers": 1, "width": 64, "heads": 2}
+    visions: list[dict] = []
+    layers, width = vc0.get("layers"), vc0.get("width")
+    if vc0.get("timm_model_name"):
+        visions = [{**copy.deepcopy(vc0), "timm_model_name": register_tiny_timm(vc0["timm_model_name"], s)}
+                   for s in TRUNK_SHRINKS]
+    elif isinstance(layers, int):
+        vc = {**copy.deepcopy(vc0), "layers": min(layers, 2)}
+        visions = [vc] + ([{**vc, "width": 128, "head_width": 64}] if isinstance(width, int) and width > 128 else [])
+    elif isinstance(layers, (list, tuple)):
+        vc = {**copy.deepcopy(vc0), "layers": [1] * len(layers)}
+        visions = [vc] + ([{**vc, "width": 32}] if isinstance(width, int) and width > 32 else [])
+    out: list[dict] = []
+    for kw in [{"vision_cfg": v, **common} for v in visions if v != vc0] + [common, {}]:
+        if kw not in out:
+            out.append(kw)
     return out
 
 
@@ -128,8 +185,14 @@ def shrink_candidates(name: str) -> list[dict]:
             dict(depths=(1, 1, 1)), {}]
 
 
+def budget_params(model) -> int:
+    """The parameters counted against the budget: the decomposed model — for open_clip its vision tower
+    (``model.visual``; the text tower is not decomposed), for timm the whole model."""
+    return sum(p.numel() for p in getattr(model, "visual", model).parameters())
+
+
 def meta_params(name: str, kw: dict):
-    """Parameter count of ``name`` built with ``kw`` on the meta device (no memory, no init cost); the
+    """Budget parameter count (:func:`budget_params`) of ``name`` built with ``kw`` on the meta device (no memory, no init cost); the
     error message when the constructor rejects ``kw`` (``TypeError``/``ValueError``/``AssertionError``);
     ``None`` when a meta build is not possible for another reason (a real build decides)."""
     import torch
@@ -145,7 +208,7 @@ def meta_params(name: str, kw: dict):
                 import open_clip
 
                 m = open_clip.create_model(arch, pretrained=None, device="meta", **kw)
-        return sum(p.numel() for p in m.parameters())
+        return budget_params(m)
     except (TypeError, ValueError, AssertionError) as e:
         return _message(e, 300)
     except Exception:  # noqa: BLE001 -- meta tensors unsupported by some init: let the real build decide
@@ -196,7 +259,7 @@ def check_model(name: str, family: str = "", *, max_params: int = MAX_PARAMS, se
             continue
         try:
             lm = loader(name, pretrained=False, seed=seed, **kw)
-            params = sum(p.numel() for p in lm.model.parameters())
+            params = budget_params(lm.model)
             if params > max_params:
                 if not over:
                     res.kwargs, res.params = kw, params
@@ -237,10 +300,14 @@ def check_model(name: str, family: str = "", *, max_params: int = MAX_PARAMS, se
     return res
 
 
-def _worker(conn, threads: int, max_params: int, seed: int) -> None:
+def _worker(conn, threads: int, max_params: int, seed: int, extensions: tuple = ()) -> None:
+    import importlib
     import warnings
 
     import torch
+
+    for module in extensions:          # architectures the parent registered (e.g. vitdecomp.toyworld)
+        importlib.import_module(module)
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -259,14 +326,17 @@ def sweep(archs: dict[str, str], *, workers: int = 2, timeout_s: float = 300.0, 
     """Check every architecture of ``archs`` (name → family) in ``workers`` spawned processes; a model
     running longer than ``timeout_s`` is recorded as ``timeout`` and its worker replaced. Results come
     back in the order of ``archs``; ``progress(result, done, total)`` is called as they arrive."""
+    from .models import extension_modules
+
     ctx = mp.get_context("spawn")
+    extensions = extension_modules()
     todo = list(archs.items())
     total, results = len(todo), {}
     pool: list[dict] = []
 
     def start():
         a, b = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(b, threads, max_params, seed), daemon=True)
+        p = ctx.Process(target=_worker, args=(b, threads, max_params, seed, extensions), daemon=True)
         p.start()
         b.close()
         return {"proc": p, "conn": a, "task": None, "t": 0.0}

@@ -13,7 +13,42 @@ def print_overhead(r: dict) -> None:
           f"(contributions {r['contributions_mib']:.1f} MiB)")
     print(f"  ratio decompose/plain = {r['ratio']:.3f}  (per repetition: "
           + ", ".join(f"{v:.3f}" for v in r["ratio_per_rep"]) + ")")
+    if r.get("cpu_ratio") == r.get("cpu_ratio"):
+        print(f"  CPU time of the process: {r['plain_cpu_s']:.3f} s vs {r['decompose_cpu_s']:.3f} s, "
+              f"ratio {r['cpu_ratio']:.3f}")
     print(f"  reconstruction error max = {r['residual']:.2e}")
+
+
+def print_overhead_row(r: dict) -> None:
+    if "error" in r:
+        print(f"  {r['family']:<20} {r['model']:<40} failed: {r['error']}", flush=True)
+        return
+    reps = r["ratio_per_rep"]
+    print(f"  {r['family']:<20} {r['model']:<40} {r['plain_s']:7.3f} {r['decompose_s']:7.3f} {r['ratio']:6.3f}x "
+          f"({min(reps):.2f}-{max(reps):.2f}) {r['cpu_ratio']:6.3f}x  {r['plain_peak_mib']:6.0f} "
+          f"{r['decompose_peak_mib']:6.0f} {r['mem_ratio']:5.2f}x  {r['residual']:.1e}", flush=True)
+
+
+def _overhead(a) -> None:
+    if not a.families:
+        print_overhead(_lib().overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads, threads=a.threads))
+        return
+    fams = "all" if a.families == "all" else [f.strip() for f in a.families.split(",") if f.strip()]
+    print(f"overhead per family  size={a.size} batch={a.batch} reps={a.reps} heads={a.heads} threads={a.threads} "
+          "(fp32, random init; time = median; peak = memory growth of one call)")
+    print(f"  {'family':<20} {'model':<40} {'plain':>7} {'decomp':>7} {'wall':>7} {'(reps)':<11} {'CPU':>7}  "
+          f"{'peak':>6} {'decomp':>6} {'mem':>6}  error")
+    print(f"  {'':<20} {'':<40} {'s':>7} {'s':>7} {'ratio':>7} {'':<11} {'ratio':>7}  {'MiB':>6} {'MiB':>6} "
+          f"{'ratio':>6}")
+    rows = _lib().overhead_families(fams, a.size, a.batch, a.reps, a.device, a.heads, a.threads,
+                                    progress=print_overhead_row)
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        worst_t, worst_m = max(ok, key=lambda r: r["ratio"]), max(ok, key=lambda r: r["mem_ratio"])
+        worst_c = max(ok, key=lambda r: r["cpu_ratio"] if r["cpu_ratio"] == r["cpu_ratio"] else 0.0)
+        print(f"  worst wall-clock ratio {worst_t['ratio']:.3f}x ({worst_t['family']}), worst CPU-time ratio "
+              f"{worst_c['cpu_ratio']:.3f}x ({worst_c['family']}), worst peak-memory ratio "
+              f"{worst_m['mem_ratio']:.2f}x ({worst_m['family']}); targets <= 1.15x time, <= 1.2x memory")
 
 
 
@@ -184,6 +219,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32, or autocast bf16/fp16")
     o.add_argument("--no-heads", dest="heads", action="store_false", help="layer granularity instead of heads")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    o.add_argument("--families", default=None, metavar="LIST",
+                   help="instead of --model: the stand-ins of these supported families (comma list of "
+                        "vitdecomp.models.supported_families() labels, or 'all'), one table row each")
+    o.add_argument("--size", choices=["full", "small"], default="full",
+                   help="with --families: the stand-in's default sizes (full) or the tests' small build")
     j = bsub.add_parser("job", help="decompose job vs readout-only job: images/s, memory at N and 10N, bytes/image",
                         description="Run the decompose job and a plain embedding job (same pipeline, readout only) "
                                     "on the same generated images; print images/s of both and their ratio (target "
@@ -255,8 +295,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "the fp32 in-process decomposition.")
     lb.add_argument("--images", type=int, default=4, help="images decomposed (default 4)")
     lb.set_defaults(func=lambda a: print_layout_bytes(_layout_rows(a)))
-    o.set_defaults(func=lambda a: print_overhead(_lib().overhead(a.model, a.batch, a.reps, a.device, a.dtype, a.heads,
-                                                          threads=a.threads)))
+    o.set_defaults(func=_overhead)
     z = bsub.add_parser("zoo", help="every transformer-family timm and open_clip architecture: exact or refused?",
                         description="Build every timm model of the transformer-family modules (vitdecomp.zoo."
                                     "TIMM_TRANSFORMER_MODULES) and every open_clip architecture shrunk, with random "

@@ -413,17 +413,20 @@ def _assemble(plan: SpatialPlan, comps, units, store, z, sel, ctx: RuleContext, 
             if g is not None:
                 w_o = w_o * g[:, None, None]
             P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)         # [B, G, H, dh]
-            per_head = torch.einsum("bghd,ehd->bhge", P, w_o)                     # [B, H, G, D]
+            # contiguous: einsum returns a permuted view, and the readout maps' matmuls on a permuted
+            # [B, H, G, D] would not fold into one mm (a batched matrix-vector product per head instead)
+            per_head = torch.einsum("bghd,ehd->bhge", P, w_o).contiguous()        # [B, H, G, D]
             hv = maps.lin(u.level, per_head)                                      # [B, H, d]
             b_o = u.proj.bias.to(dtype) * (g if g is not None else 1.0) if u.proj.bias is not None else None
             bv = const(u.level, b_o) if b_o is not None else torch.zeros_like(hv[:, 0])
             if not heads:
                 values[u.name] = hv.sum(1) + bv
                 continue
-            # the unsplit out-projection of the same pooled input (checks the head split itself; the
-            # branch's real output is checked by the reconstruction of z)
-            real = maps.lin(u.level, (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T)[:, None])[:, 0] + bv
-            diag["head_sum_error"][u.name] = float(((hv.sum(1) + bv - real).norm(dim=-1)
+            # the unsplit out-projection of the same pooled input, compared before the readout map (checks
+            # the head split itself at a fraction of a second ``lin``; the branch's real output is checked
+            # by the reconstruction of z)
+            real = (P.flatten(2) @ w_o.reshape(w_o.shape[0], -1).T).flatten(1)              # [B, G·D]
+            diag["head_sum_error"][u.name] = float(((per_head.sum(1).flatten(1) - real).norm(dim=-1)
                                                     / real.norm(dim=-1).clamp_min(1e-30)).max())
             for h in wanted.get(u.name, []):
                 terms = x.view(*x.shape[:2], H, dh)[:, :, h] @ w_o[:, h].T          # [B, N, D] head h per position
