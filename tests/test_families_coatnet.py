@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModuleError
+from familyutil import upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 TINY = dict(embed_dim=(32, 32, 64, 64), stem_width=(16, 32), transformer_dim_head=16)
@@ -51,11 +52,6 @@ def build(key: str, dtype=torch.float64):
 
 def images(m, dtype, seed=1):
     return torch.randn(2, 3, *m.img_size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 def last_affine(m, x):

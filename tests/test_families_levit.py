@@ -19,6 +19,7 @@ from torch import nn
 
 import vitdecomp as vd
 from vitdecomp.errors import InputError, UnsupportedModuleError
+from familyutil import run_with_io, upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 2))
@@ -45,11 +46,6 @@ def build(name: str = "levit_128s", dtype=torch.float64, **kw):
 
 def images(dtype, size=64):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 NAMES = ["levit_128s", "levit_conv_128s"]
@@ -107,7 +103,7 @@ def test_blocks_option_input_size_and_one_stage():
     d = vd.decompose(m, x, blocks=[-1])
     assert float(d.residual().max()) <= 1e-10
     assert {c.block for c in d.components if c.block is not None} == {2}      # 0: downsample, 1, 2: blocks
-    seen = _run(m, x, {"b1": m.stages[2].blocks[1]})
+    seen = run_with_io(m, x, {"b1": m.stages[2].blocks[1]})
     torch.testing.assert_close(d["embed"], seen["b1.in"].mean(1), rtol=0, atol=1e-12)   # stream entering blocks.1
     assert vd.decompose(m, x, blocks="stages.2.blocks.0").names[1] == "stages.2.blocks.0.attn.head.0"
     with pytest.raises(InputError, match=r"expects \(64, 64\)"):
@@ -115,25 +111,11 @@ def test_blocks_option_input_size_and_one_stage():
     one = build("levit_128s", torch.float64, embed_dim=(32,), num_heads=(2,), depth=(2,))   # no downsample
     d = vd.decompose(one, x)
     assert float(d.residual().max()) <= 1e-10 and d.names[1] == "stages.0.blocks.0.attn.head.0"
-    seen = _run(one, x, {"b0": one.stages[0].blocks[0]})
+    seen = run_with_io(one, x, {"b0": one.stages[0].blocks[0]})
     torch.testing.assert_close(d["embed"], seen["b0.in"].mean(1), rtol=0, atol=1e-12)   # the stem's tokens
 
 
 # ------------------------------------------------------------------------------------ by hand
-def _run(m, x, modules: dict) -> dict:
-    """One real forward pass; each named module's first positional input and its output."""
-    seen, hooks = {}, []
-    for key, mod in modules.items():
-        hooks.append(mod.register_forward_pre_hook(lambda _, a, key=key: seen.__setitem__(key + ".in", a[0])))
-        hooks.append(mod.register_forward_hook(lambda _, __, out, key=key: seen.__setitem__(key + ".out", out)))
-    try:
-        upstream(m, x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def _bn(bn, y):
     """BatchNorm in eval on the last dim, by hand."""
     return (y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
@@ -165,7 +147,7 @@ def test_downsample_head_from_scratch(name, h):
     m = build(name)
     x = images(torch.float64)
     a = m.stages[2].downsample.attn_downsample
-    seen = _run(m, x, {"ad": a})
+    seen = run_with_io(m, x, {"ad": a})
     u = _tokens(seen["ad.in"])                                                # [B, 64, 48] on the 8×8 grid
     B, N, C = u.shape
     H, dk, dv = a.num_heads, a.key_dim, a.val_dim
@@ -195,7 +177,7 @@ def test_block_head_mlp_embed_and_bias_by_hand(name):
     attns = {"ad": st.downsample.attn_downsample, "a0": st.blocks[0].attn, "a1": st.blocks[1].attn}
     mlps = {"stages.2.downsample.mlp": st.downsample.mlp, "stages.2.blocks.0.mlp": st.blocks[0].mlp,
             "stages.2.blocks.1.mlp": st.blocks[1].mlp}
-    seen = _run(m, x, {"ln": st.blocks[1].attn.proj.ln, **mlps})
+    seen = run_with_io(m, x, {"ln": st.blocks[1].attn.proj.ln, **mlps})
     d = vd.decompose(m, x)
     a, h = st.blocks[1].attn, 2
     dv = a.val_dim

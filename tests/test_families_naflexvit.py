@@ -15,6 +15,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import InputError, UnsupportedModuleError
+from familyutil import ln_lin, upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(embed_dim=48, num_heads=3, depth=2, img_size=48)
@@ -52,11 +53,6 @@ def build(family: str, dtype=torch.float32):
 
 def images(dtype, size=48):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 def last_head(m) -> str:
@@ -129,12 +125,6 @@ def _run(m, x, modules: dict) -> dict:
     return seen
 
 
-def _ln_lin(norm, u, stream):
-    """Linear part of a LayerNorm with σ frozen at ``stream``: γ ⊙ (u − mean u) / σ(stream)."""
-    sigma = torch.sqrt(stream.var(-1, unbiased=False, keepdim=True) + norm.eps)
-    return norm.weight * (u - u.mean(-1, keepdim=True)) / sigma
-
-
 def _head_by_qkv(a, xin, h):
     """Head ``h`` of a timm ``Attention`` (fused qkv, no q/k norm) per query: ``softmax(q_h k_hᵀ/√dh) v_h W_O,hᵀ``."""
     D = xin.shape[-1]
@@ -170,7 +160,7 @@ def test_naflexvit_head_by_hand(family):
     if m.attn_pool is not None:                                                      # final norm, then the pool
         ap, xp = m.attn_pool, seen["pool.in"]                                       # pool input: normed patches
         assert xp.shape[1] == c.shape[1] - npt
-        y = _ln_lin(m.norm, c[:, npt:], seen["norm.in"][:, npt:])
+        y = ln_lin(m.norm, c[:, npt:], seen["norm.in"][:, npt:])
         B, P, D = xp.shape
         Hp, dhp = ap.num_heads, ap.head_dim
         q = (ap.latent @ ap.q.weight.T + ap.q.bias).reshape(1, Hp, dhp)             # one latent query
@@ -183,9 +173,9 @@ def test_naflexvit_head_by_hand(family):
         assert isinstance(m.norm, torch.nn.Identity) and isinstance(m.fc_norm, torch.nn.Identity)
         expect = c[:, 0]
     elif not isinstance(m.norm, torch.nn.Identity):                                  # per-token norm, then mean
-        expect = _ln_lin(m.norm, c[:, npt:], seen["norm.in"][:, npt:]).mean(1)
+        expect = ln_lin(m.norm, c[:, npt:], seen["norm.in"][:, npt:]).mean(1)
     else:
-        expect = _ln_lin(m.fc_norm, c[:, npt:].mean(1), seen["fc_norm.in"])
+        expect = ln_lin(m.fc_norm, c[:, npt:].mean(1), seen["fc_norm.in"])
     _check(vd.decompose(m, x), f"blocks.{len(m.blocks) - 1}.attn.head.{h}", expect)
 
 
@@ -228,12 +218,12 @@ def test_respost_head_by_hand(family):
     a = blk.attn
     seen = _run(m, x, {"attn": a, "last": blk, "norm": m.norm, "fc_norm": m.fc_norm})
     c = _head_by_qkv(a, seen["attn.in"], h) + a.proj.bias / a.num_heads
-    t = _ln_lin(blk.norm1, c, seen["attn.out"])                                      # β1 excluded
+    t = ln_lin(blk.norm1, c, seen["attn.out"])                                      # β1 excluded
     assert m.num_prefix_tokens == 0
     if isinstance(m.norm, torch.nn.Identity):
-        expect = _ln_lin(m.fc_norm, t.mean(1), seen["fc_norm.in"])
+        expect = ln_lin(m.fc_norm, t.mean(1), seen["fc_norm.in"])
     else:
-        expect = _ln_lin(m.norm, t, seen["norm.in"]).mean(1)
+        expect = ln_lin(m.norm, t, seen["norm.in"]).mean(1)
     _check(vd.decompose(m, x), f"blocks.{len(m.blocks) - 1}.attn.head.{h}", expect)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModuleError
+from familyutil import ln_lin, run_with_io, upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(img_size=64, base_dims=(8, 8, 8), depth=(1, 1, 2), heads=(2, 4, 8))
@@ -40,11 +41,6 @@ def build(name: str, dtype=torch.float64, **kw):
 
 def images(dtype, size=64):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 BLOCKS = ["transformers.0.blocks.0", "transformers.1.blocks.0", "transformers.2.blocks.0", "transformers.2.blocks.1"]
@@ -86,32 +82,12 @@ def test_heads_sum_to_attention_component(name):
 
 
 # ------------------------------------------------------------------------------------ by hand
-def _run(m, x, modules: dict) -> dict:
-    """One real forward pass; each named module's first positional input and its output."""
-    seen, hooks = {}, []
-    for key, mod in modules.items():
-        hooks.append(mod.register_forward_pre_hook(lambda _, a, key=key: seen.__setitem__(key + ".in", a[0])))
-        hooks.append(mod.register_forward_hook(lambda _, __, out, key=key: seen.__setitem__(key + ".out", out)))
-    try:
-        upstream(m, x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _ln_lin(norm, u, stream):
-    """Linear part of a LayerNorm with σ frozen at ``stream``: γ ⊙ (u − mean u) / √(var(stream) + eps)."""
-    sigma = torch.sqrt(stream.var(-1, unbiased=False, keepdim=True) + norm.eps)
-    return norm.weight * (u - u.mean(-1, keepdim=True)) / sigma
-
-
 def _to_readout(m, seen, u, stage):
     """Class-token terms ``u [B, T, D_stage]`` added in ``stage``, carried by hand through every later
     ``pool.fc`` (weight only), the final norm per token (centered) and the readout's token mean."""
     for s in range(stage + 1, len(m.transformers)):
         u = u @ m.transformers[s].pool.fc.weight.T
-    y = _ln_lin(m.norm, u, seen["norm.in"])
+    y = ln_lin(m.norm, u, seen["norm.in"])
     return y[:, :2].mean(1) if m.head_dist is not None else y[:, 0]
 
 
@@ -130,7 +106,7 @@ def test_first_stage_head_from_scratch(name, h):
     block's norm1 output) for each class-token query t, × W_O,h, then fc_1, fc_2 and the final norm."""
     m = build(name)
     x = images(torch.float64)
-    seen = _run(m, x, _mods(m))
+    seen = run_with_io(m, x, _mods(m))
     a = m.transformers[0].blocks[0].attn
     y = seen["transformers.0.blocks.0.n1.out"]                               # [B, T + HW, D]
     B, N, D = y.shape
@@ -150,7 +126,7 @@ def test_mlp_embed_and_bias_by_hand(name):
     fc's; bias: the final β + every out-projection bias and every fc bias, carried by hand."""
     m = build(name)
     x = images(torch.float64)
-    seen = _run(m, x, _mods(m))
+    seen = run_with_io(m, x, _mods(m))
     d = vd.decompose(m, x)
     T, B = m.cls_token.shape[1], x.shape[0]
     bias = m.norm.bias.expand(B, -1)
@@ -167,7 +143,7 @@ def test_mlp_embed_and_bias_by_hand(name):
     # from the first block of stage 1 on: embed is the class-token stream entering it (fc_1's bias inside)
     d1 = vd.decompose(m, x, blocks="transformers.1.blocks.0")
     assert float(d1.residual().max()) <= 1e-10
-    got = _run(m, x, {"b": m.transformers[1].blocks[0], "norm": m.norm})
+    got = run_with_io(m, x, {"b": m.transformers[1].blocks[0], "norm": m.norm})
     torch.testing.assert_close(d1["embed"], _to_readout(m, got, got["b.in"][:, :T], 1), rtol=0, atol=1e-11)
 
 

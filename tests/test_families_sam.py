@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import vitdecomp as vd
 from vitdecomp.errors import InputError, UnsupportedModuleError
+from familyutil import upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(img_size=64, embed_dim=48, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,),
@@ -47,11 +48,6 @@ def sam(variant: str = "conv_neck", dtype=torch.float64):
 
 def images(dtype, size=(64, 64), seed=1):
     return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModuleError
+from familyutil import upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # "ns": extra norm at every stage end (the _ns models) and, with extra_norm_period=2, mid-stage too
@@ -49,11 +50,6 @@ def model(build: str, dtype=torch.float32):
 
 def images(m, dtype, seed=1):
     return torch.randn(2, 3, *m.patch_embed.img_size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 def norm3_paths(m):

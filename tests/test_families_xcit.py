@@ -15,6 +15,7 @@ import torch
 
 import vitdecomp as vd
 from vitdecomp.errors import UnsupportedModuleError
+from familyutil import ln_lin, run_with_io, upstream
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SMALL = dict(depth=2, cls_attn_layers=2, embed_dim=48, num_heads=4, img_size=64)
@@ -35,11 +36,6 @@ def build(tokens_norm: bool, dtype=torch.float32, **kw):
 
 def images(dtype, size=64):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
-
-
-def upstream(m, x):
-    with torch.inference_mode():
-        return m.forward_head(m.forward_features(x), pre_logits=True)
 
 
 CASES = [pytest.param(tn, dt, id=f"tokens_norm={tn}-{tag}")
@@ -89,33 +85,13 @@ def test_blocks_option_and_other_input_size():
 
 
 # ------------------------------------------------------------------------------------ by hand
-def _run(m, x, modules: dict) -> dict:
-    """One real forward pass; each named module's first positional input and its output."""
-    seen, hooks = {}, []
-    for key, mod in modules.items():
-        hooks.append(mod.register_forward_pre_hook(lambda _, a, key=key: seen.__setitem__(key + ".in", a[0])))
-        hooks.append(mod.register_forward_hook(lambda _, __, out, key=key: seen.__setitem__(key + ".out", out)))
-    try:
-        upstream(m, x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _ln_lin(norm, u, stream):
-    """Linear part of a LayerNorm with σ frozen at ``stream``: γ ⊙ (u − mean u) / √(var(stream) + eps)."""
-    sigma = torch.sqrt(stream.var(-1, unbiased=False, keepdim=True) + norm.eps)
-    return norm.weight * (u - u.mean(-1, keepdim=True)) / sigma
-
-
 def _to_readout(m, seen, u, level):
     """A class-token term ``u [B, D]`` added before ``cls_attn_blocks.<level>.norm2`` (or after the last
     one, ``level = L``) carried by hand through every later ``norm2`` and the final norm (centered)."""
     L = len(m.cls_attn_blocks)
     for j in range(level, L):
-        u = _ln_lin(m.cls_attn_blocks[j].norm2, u, seen[f"n2.{j}.in"][:, 0])
-    return _ln_lin(m.norm, u, seen["norm.in"][:, 0])
+        u = ln_lin(m.cls_attn_blocks[j].norm2, u, seen[f"n2.{j}.in"][:, 0])
+    return ln_lin(m.norm, u, seen["norm.in"][:, 0])
 
 
 def _modules(m):
@@ -132,7 +108,7 @@ def test_class_attention_head_by_hand(tokens_norm, j):
     norm1 output), × W_O,h × γ1, then n2_j, …, n2_{L-1} and the final norm at the class token."""
     m = build(tokens_norm, torch.float64)
     x = images(torch.float64)
-    seen = _run(m, x, _modules(m))
+    seen = run_with_io(m, x, _modules(m))
     blk, h = m.cls_attn_blocks[j], 2
     a = blk.attn
     y = seen[f"attn.{j}.in"]                                                  # norm1([x_cls, x_patches])
@@ -154,7 +130,7 @@ def test_mlp_embed_and_bias_by_hand(tokens_norm):
     out-projection biases (× γ1, before n2_j), every n2 β (after n2_j) and the final β."""
     m = build(tokens_norm, torch.float64)
     x = images(torch.float64)
-    seen = _run(m, x, _modules(m))
+    seen = run_with_io(m, x, _modules(m))
     d = vd.decompose(m, x)
     L = len(m.cls_attn_blocks)
     bias = m.norm.bias.expand(x.shape[0], -1)
