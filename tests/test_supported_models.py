@@ -45,7 +45,7 @@ def upstream(lm: vd.LoadedModel, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         if lm.library == "timm":
             return lm.model.forward_head(lm.model.forward_features(x), pre_logits=True)
-        return lm.model.encode_image(x)
+        return lm.model.encode_image(x, normalize=False)     # CoCa's default normalises; CLIP's does not
 
 
 def same_readout(lm, readout: torch.Tensor, z: torch.Tensor) -> bool:
@@ -272,11 +272,35 @@ def open_clip_head(visual, h: int, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     q, k, v = F.linear(a, mha.in_proj_weight, mha.in_proj_bias).split(D, -1)
     q, k, v = (t.reshape(B, N, H, dh)[:, :, h] for t in (q, k, v))
     p = ((q @ k.transpose(-2, -1)) / dh ** 0.5).softmax(-1)
+    if visual.attn_pool is not None:                                      # CoCa: every position, then the pooler
+        u = (p @ v) @ mha.out_proj.weight[:, h * dh:(h + 1) * dh].T * gain_of(blk)
+        return f"transformer.resblocks.{i}.attn.head.{h}", coca_pooler_chain(visual, u, x)
     u = (p @ v)[:, 0] @ mha.out_proj.weight[:, h * dh:(h + 1) * dh].T       # the class token's query
     u = u * gain_of(blk)
     assert visual.pool_type == "tok" and not visual.final_ln_after_pool and visual.attn_pool is None
     xin = got["ln_post"][:, 0]
     return f"transformer.resblocks.{i}.attn.head.{h}", ln_centered(visual.ln_post, u, xin) @ visual.proj
+
+
+def coca_pooler_chain(visual, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """open_clip CoCa: a per-position stream part ``u [B, N, D]`` through the ``AttentionalPooler``'s query 0
+    (``ln_k`` with the frozen σ of the real last stream; the attention probabilities from the upstream
+    ``MultiheadAttention`` with ``need_weights=True``; values and out-projection per pool head), then
+    ``ln_post`` with the frozen statistics of the real pooled vector and ``proj``."""
+    pool = visual.attn_pool
+    got = captured_inputs(visual, ["attn_pool", "ln_post"], x)
+    xl, post_in = got["attn_pool"], got["ln_post"][:, 0]
+    with torch.inference_mode():
+        kx = pool.ln_k(xl)
+        q = pool.ln_q(pool.query)[None].expand(kx.shape[0], -1, -1)
+        alpha = pool.attn(q, kx, kx, need_weights=True, average_attn_weights=False)[1][:, :, 0]    # [B, H, N]
+    mha = pool.attn
+    E, P = mha.embed_dim, mha.head_dim
+    w_v = mha.in_proj_weight[2 * E:] if mha._qkv_same_embed_dim else mha.v_proj_weight
+    un = ln_centered(pool.ln_k, u, xl)
+    z = sum(torch.einsum("bn,bnd->bd", alpha[:, g], un @ w_v[g * P:(g + 1) * P].T)
+            @ mha.out_proj.weight[:, g * P:(g + 1) * P].T for g in range(mha.num_heads))
+    return ln_centered(visual.ln_post, z, post_in) @ visual.proj
 
 
 def levit_head(m, h: int, x: torch.Tensor) -> tuple[str, torch.Tensor]:

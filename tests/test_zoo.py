@@ -230,3 +230,48 @@ def test_workers_import_registered_extensions():
     assert "vitdecomp.toyworld" in extension_modules()
     rs = zoo.sweep({"open_clip:vitdecomp-toy-clip": "open_clip"}, workers=1, timeout_s=300)
     assert rs[0].status == "exact", rs[0].message
+
+
+# timm models too large only because the generic shrinks did not fit their constructors: per-stage ``depth``
+# tuples (LeViT, PiT), a narrow ``embed_dim`` with one block per stage (Swin V2-CR giant, CoAtNet-5)
+NARROW = [("levit_512", dict(depth=(1, 1, 1))), ("levit_conv_512d", dict(depth=(1, 1, 1))),
+          ("pit_b_224", dict(depth=(1, 1, 1))),
+          ("swinv2_cr_giant_224", dict(depths=(1, 1, 1, 1), embed_dim=32)),
+          ("coatnet_5_224", dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64)))]
+
+
+def _first_fitting(name: str):
+    for kw in zoo.shrink_candidates(name):
+        size = zoo.meta_params(name, kw)
+        if isinstance(size, int) and size <= zoo.MAX_PARAMS:
+            return kw, size
+    return None, None
+
+
+@pytest.mark.parametrize("model, kw", NARROW)
+def test_narrow_shrinks_fit_models_the_generic_ones_do_not(model, kw):
+    """The generic shrinks do not fit these constructors (or leave them over the budget); the first candidate
+    that builds within the budget is the narrow one, and a model the generic shrinks fit keeps its build."""
+    name = f"timm:{model}"
+    cands = zoo.shrink_candidates(name)
+    generic = cands[:cands.index(zoo.TIMM_SHRINKS_NARROW[0])]
+    for g in generic:
+        size = zoo.meta_params(name, g)
+        assert isinstance(size, str) or (size is not None and size > zoo.MAX_PARAMS), (g, size)
+    got, size = _first_fitting(name)
+    assert got == kw and size <= zoo.MAX_PARAMS
+    assert _first_fitting("timm:swin_base_patch4_window7_224")[0] == dict(depths=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("model, kw", NARROW)
+def test_narrow_shrinks_are_swept_exact(model, kw):
+    r = zoo.check_model(f"timm:{model}", "timm")
+    assert r.status == "exact", r.message
+    assert r.kwargs == kw and r.params <= zoo.MAX_PARAMS
+
+
+def test_coca_is_swept_against_its_unnormalised_encode_image():
+    """CoCa's ``encode_image`` normalises by default; the sweep compares ``normalize=False`` (vitdecomp's readout)."""
+    r = zoo.check_model("open_clip:coca_ViT-B-32", "open_clip")
+    assert r.status == "exact", r.message
+    assert r.residual <= zoo.TOL and r.readout_error <= zoo.TOL

@@ -481,6 +481,15 @@ SUPPORTED_FAMILIES = {
     "pit": ("timm:pit_ti_224", dict(img_size=64, base_dims=(8, 8, 8), depth=(1, 1, 2), heads=(2, 4, 8))),
     "pit_distilled": ("timm:pit_ti_distilled_224", dict(img_size=64, base_dims=(8, 8, 8), depth=(1, 1, 2),
                                                         heads=(2, 4, 8))),
+    # CoCa: open_clip ViT read out through an AttentionalPooler (query 0, the contrastive token, then ln_post and
+    # proj; rules/coca.py; tests/test_families_coca.py); pool width 48 ≠ tower width 64, tiny text towers
+    "coca": ("open_clip:coca_ViT-B-32", dict(
+        embed_dim=48,
+        vision_cfg=dict(image_size=64, layers=2, width=64, head_width=16, patch_size=16, attentional_pool=True,
+                        attn_pooler_heads=4, attn_pooler_queries=5, output_tokens=True),
+        text_cfg=dict(context_length=76, vocab_size=49408, width=32, heads=2, layers=1, embed_cls=True,
+                      output_tokens=True),
+        multimodal_cfg=dict(context_length=76, vocab_size=49408, width=32, heads=2, layers=1, attn_pooler_heads=2))),
 }
 
 

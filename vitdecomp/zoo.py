@@ -176,13 +176,22 @@ def _open_clip_shrunk(arch: str) -> list[dict]:
 
 
 def shrink_candidates(name: str) -> list[dict]:
-    """``model_kwargs`` to try in order (the first that builds and runs is used): fewer blocks and
-    narrower widths where the constructor takes ``depth``/``depths``/``embed_dim``/``num_heads``,
-    then the default build ``{}``."""
+    """``model_kwargs`` to try in order (the first that builds within the budget and runs is used):
+    fewer blocks and narrower widths where the constructor takes ``depth``/``depths``/``embed_dim``/
+    ``num_heads``, then :data:`TIMM_SHRINKS_NARROW`, then the default build ``{}``."""
     if name.startswith("open_clip:"):
         return _open_clip_shrunk(name.split(":", 1)[1])
     return [dict(depth=2, embed_dim=128, num_heads=2), dict(depth=2), dict(depths=(1, 1, 1, 1)),
-            dict(depths=(1, 1, 1)), {}]
+            dict(depths=(1, 1, 1)), *TIMM_SHRINKS_NARROW, {}]
+
+
+# tried after the generic shrinks above (so models they fit keep their build): per-stage ``depth`` tuples
+# (LeViT, PiT), one block per stage with a narrow ``embed_dim`` (Swin V2-CR giants: too large at full width)
+# or narrow per-stage ``embed_dim`` (CoAtNet/MaxxViT, e.g. ``coatnet_5_224``)
+TIMM_SHRINKS_NARROW: tuple[dict, ...] = (
+    dict(depth=(1, 1, 1)), dict(depths=(1, 1, 1, 1), embed_dim=32),
+    dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64)),
+)
 
 
 def budget_params(model) -> int:
@@ -270,7 +279,9 @@ def check_model(name: str, family: str = "", *, max_params: int = MAX_PARAMS, se
             h, w = lm.image_size
             x = torch.randn(batch, 3, h, w, generator=g)
             with torch.inference_mode():
-                z = lm.model.encode_image(x) if lm.library == "open_clip" else _timm_upstream(lm.model, x)
+                # normalize=False: CoCa's encode_image normalises by default (CLIP's does not)
+                z = (lm.model.encode_image(x, normalize=False) if lm.library == "open_clip"
+                     else _timm_upstream(lm.model, x))
             res.kwargs, res.params = kw, params
             break
         except Exception as e:  # noqa: BLE001 -- any upstream constructor/forward failure: try the next build

@@ -16,5 +16,6 @@ from . import xcit  # noqa: E402,F401  (XCiT: class-attention blocks with a clas
 from . import naflexvit  # noqa: E402,F401  (NaFlexVit: flexible patch embedding, ViT readouts)
 from . import levit  # noqa: E402,F401  (LeViT: BatchNorm linears, attention downsampling, mean readout)
 from . import pit  # noqa: E402,F401  (PiT: class-token stream through the pooling fc's)
+from . import coca  # noqa: E402,F401  (open_clip CoCa: attentional pooler readout)
 
 __all__ = ["ROLES", "RuleContext", "find_rule", "list_rules", "register_rule", "rule_for"]

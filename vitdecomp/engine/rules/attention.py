@@ -272,8 +272,34 @@ class MultiheadAttentionRule(AttentionRule):
         raise UnsupportedModuleError(f"{self.path}: nn.MultiheadAttention computes its heads inside one function "
                                      "call; it is decomposed only with a CLS / mean-pooled readout")
 
-    def hooks(self, ctx, sink):
+    def out_linear(self) -> nn.Linear:
+        """Per-position readouts (open_clip CoCa's attentional pooler): the out-projection, applied
+        functionally by the module to the heads :meth:`position_hooks` recomputes."""
+        return self.module.out_proj
+
+    def position_hooks(self, ctx, sink):
+        """Per-position readouts: the out-projection's input ``softmax(q kᵀ/√dh) v`` (heads concatenated,
+        ``[B, N, H·dh]``) recomputed from the module's captured input with its own in-projection — the
+        functional call hides it. One ``[B, H, N, N]`` attention map per block, as the module computes."""
         m, cap = self.module, {}
+        pre = self._capture(cap)
+
+        def post(_, __, out):
+            dt = ctx.dtype if ctx is not None else cap["x"].dtype
+            with (ctx.exact() if ctx is not None else torch.no_grad()):
+                x = cap.pop("x").to(dt)
+                B, n, D = x.shape
+                H, dh = self.num_heads, self.head_dim
+                b_in = m.in_proj_bias.to(dt) if m.in_proj_bias is not None else None
+                q, k, v = (t.view(B, n, H, dh).transpose(1, 2)
+                           for t in torch.nn.functional.linear(x, m.in_proj_weight.to(dt), b_in).split(D, -1))
+                o = torch.softmax((q * dh ** -0.5) @ k.transpose(-2, -1), -1) @ v          # [B, H, N, dh]
+                sink(o.transpose(1, 2).reshape(B, n, H * dh))
+
+        return [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post)]
+
+    def _capture(self, cap: dict):
+        m = self.module
 
         def pre(_, args, kwargs):
             names = ("query", "key", "value")
@@ -283,6 +309,11 @@ class MultiheadAttentionRule(AttentionRule):
             _no_mask(self.path, kwargs, "attn_mask", "key_padding_mask", "is_causal")
             x = given["query"]
             cap["x"] = x if m.batch_first else x.transpose(0, 1)
+        return pre
+
+    def hooks(self, ctx, sink):
+        m, cap = self.module, {}
+        pre = self._capture(cap)
 
         def post(_, __, out):
             y = out[0] if m.batch_first else out[0].transpose(0, 1)

@@ -140,17 +140,18 @@ class LatentPoolRule:
         H, dh = pool.num_heads, pool.head_dim
         y = store["pool_in"].to(dt)                                              # = norm(x), [B, N, D]
         q = torch.nn.functional.linear(pool.latent.to(dt), pool.q.weight.to(dt), _b(pool.q, dt)).reshape(1, H, dh)                                                  # latent_len == 1
-        w_kv = pool.kv.weight.to(dt)
-        b_kv = _b(pool.kv, dt) if pool.kv.bias is not None else torch.zeros(2 * D, dtype=dt, device=x.device)
+        w_kv = pool.kv.weight.to(dt)                     # [2E, D]: the pool's width E may differ from the stream's
+        E = w_kv.shape[0] // 2                           # (open_clip's AttentionalPooler, rules/coca.py)
+        b_kv = _b(pool.kv, dt) if pool.kv.bias is not None else torch.zeros(2 * E, dtype=dt, device=x.device)
         Np = y.shape[1]                      # the pool sees x[:, start:] (timm drops prefix tokens unless
         start = Ntok - Np                    # pool_include_prefix): their weight is zero
-        k = (y @ w_kv[:D].T + b_kv[:D]).view(B, Np, H, dh)
+        k = (y @ w_kv[:E].T + b_kv[:E]).view(B, Np, H, dh)
         alpha = torch.zeros(B, H, Ntok, dtype=dt, device=x.device)
         alpha[..., start:] = torch.einsum("hd,bnhd->bhn", q[0], k).mul(pool.scale).softmax(-1)  # [B, H, N]
         w = alpha / sigma[:, None, :, 0]                                         # [B, H, N]
-        w_v = w_kv[D:].view(H, dh, D)
-        b_v = b_kv[D:].view(H, dh)
-        w_o = pool.proj.weight.to(dt).view(D, H, dh)
+        w_v = w_kv[E:].view(H, dh, D)
+        b_v = b_kv[E:].view(H, dh)
+        w_o = pool.proj.weight.to(dt).view(-1, H, dh)
 
         w_v_t = w_v.transpose(1, 2).contiguous()                                 # [H, D, dh], laid out once
         w_o_flat = pool.proj.weight.to(dt)                                       # [D, H·dh]
@@ -161,14 +162,14 @@ class LatentPoolRule:
             Bk, K = P.shape[:2]
             Pn = norm_linear(final, P, convention).permute(2, 0, 1, 3).reshape(H, Bk * K, D)
             v = torch.bmm(Pn, w_v_t)                                             # [H, B·K, dh]
-            return (v.permute(1, 0, 2).reshape(Bk * K, H * dh) @ w_o_flat.T).view(Bk, K, D)
+            return (v.permute(1, 0, 2).reshape(Bk * K, H * dh) @ w_o_flat.T).view(Bk, K, -1)
 
         o_n = norm_offset(final, mu / sigma, convention)                         # [B, N, D] per-token offset
         o_pool = torch.einsum("bhn,bne->bhe", alpha, o_n)                        # Σ α = 1 per head
         v_off = torch.einsum("bhe,hde->bhd", o_pool, w_v) + b_v
         offset = torch.einsum("bhd,ehd->be", v_off, w_o) + (_b(pool.proj, dt) if pool.proj.bias is not None else 0.0)
         ex = {f"{self.path}.mlp": store["pool_mlp"][:, 0].to(dt)} if pool.mlp is not None else {}
-        v_real = (y @ w_kv[D:].T + b_kv[D:]).view(B, Np, H, dh)                # the pool's real values
+        v_real = (y @ w_kv[E:].T + b_kv[E:]).view(B, Np, H, dh)                # the pool's real values
         heads = torch.einsum("ehd,bhd->bhe", w_o, torch.einsum("bhn,bnhd->bhd", alpha[..., start:], v_real))
         return ReadoutMaps({0: w}, lin, offset, store["pool_out"].to(dt), extra=ex, post=post, pool_heads=heads)
 

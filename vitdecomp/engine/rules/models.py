@@ -207,8 +207,10 @@ def _register() -> None:
 
     @register_rule("model", OcViT)
     def open_clip_vit(m: OcViT) -> ModelPlan:
-        if m.attn_pool is not None:
-            raise UnsupportedModuleError("attn_pool: open_clip ViT with attentional pooling is not supported yet")
+        if m.attn_pool is not None:         # CoCa: an attentional pooler reads the last stream (rules/coca.py)
+            from .coca import coca_vit_plan
+
+            return coca_vit_plan(m, _fixed_size_check(m.image_size, "this open_clip ViT"))
         if m.pool_type == "tok":
             pooling = Pooling("token", index=0)
         elif m.pool_type == "avg" and m.final_ln_after_pool:
