@@ -233,11 +233,14 @@ def test_workers_import_registered_extensions():
 
 
 # timm models too large only because the generic shrinks did not fit their constructors: per-stage ``depth``
-# tuples (LeViT, PiT), a narrow ``embed_dim`` with one block per stage (Swin V2-CR giant, CoAtNet-5)
+# tuples (LeViT, PiT), a narrow ``embed_dim`` with one block per stage (Swin V2-CR giant, CoAtNet-5), per-block
+# grouped K/V heads (EVA sapiens2)
 NARROW = [("levit_512", dict(depth=(1, 1, 1))), ("levit_conv_512d", dict(depth=(1, 1, 1))),
           ("pit_b_224", dict(depth=(1, 1, 1))),
           ("swinv2_cr_giant_224", dict(depths=(1, 1, 1, 1), embed_dim=32)),
-          ("coatnet_5_224", dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64)))]
+          ("coatnet_5_224", dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64))),
+          # EVA with per-block grouped K/V heads: num_kv_heads needs one entry per block
+          ("vit_base_patch16_sapiens2", dict(depth=2, embed_dim=128, num_heads=4, num_kv_heads=(2, 2)))]
 
 
 def _first_fitting(name: str):

@@ -187,10 +187,12 @@ def shrink_candidates(name: str) -> list[dict]:
 
 # tried after the generic shrinks above (so models they fit keep their build): per-stage ``depth`` tuples
 # (LeViT, PiT), one block per stage with a narrow ``embed_dim`` (Swin V2-CR giants: too large at full width)
-# or narrow per-stage ``embed_dim`` (CoAtNet/MaxxViT, e.g. ``coatnet_5_224``)
+# or narrow per-stage ``embed_dim`` (CoAtNet/MaxxViT, e.g. ``coatnet_5_224``), per-block grouped K/V heads
+# (EVA ``*_sapiens2``: ``num_kv_heads`` needs one entry per block)
 TIMM_SHRINKS_NARROW: tuple[dict, ...] = (
     dict(depth=(1, 1, 1)), dict(depths=(1, 1, 1, 1), embed_dim=32),
     dict(depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64)),
+    dict(depth=2, embed_dim=128, num_heads=4, num_kv_heads=(2, 2)),
 )
 
 
