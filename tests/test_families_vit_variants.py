@@ -114,6 +114,30 @@ def test_blocks_option_folds_earlier_blocks_into_embed(family):
     assert {c.block for c in d.components if c.block is not None} == {len(block_paths(m)) - 1}
 
 
+def test_distilled_keeps_only_the_readout_positions(monkeypatch):
+    """DeiT distilled reads positions 0 and 1 only: the engine stores those two positions of every branch
+    output (all positions for a unit whose token map is asked for), and the result stays exact."""
+    import vitdecomp.engine.engine as E
+
+    m = build("deit_distilled", torch.float64)
+    x = images(m, torch.float64)
+    seen, orig = {}, E._assemble
+
+    def spy(plan, comps, units, store, *args, **kw):
+        seen.update({u.name: store[u.name].shape[1] for u in units})
+        seen["embed"] = store["embed"].shape[1]
+        return orig(plan, comps, units, store, *args, **kw)
+
+    monkeypatch.setattr(E, "_assemble", spy)
+    name = last_head(m)
+    attn = name.rsplit(".head.", 1)[0]
+    d = vd.decompose(m, x, tokens=[name])
+    n = m.patch_embed.num_patches + m.num_prefix_tokens
+    assert seen.pop(attn) == n and set(seen.values()) == {2}
+    assert float(d.residual().max()) <= 1e-10
+    torch.testing.assert_close(d.tokens[name].sum(1), d[name], rtol=0, atol=1e-10)
+
+
 # ------------------------------------------------------------------------------ hand-written heads
 def _capture(m, modules: dict):
     """Run the model once; return each module's (input, kwargs, output)."""

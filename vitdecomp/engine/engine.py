@@ -29,7 +29,7 @@ from .rules.affine import CONVENTIONS, apply_map, matrix_map, norm_map
 from .rules.attention import AttnResult
 from .rules.context import RuleContext
 from .rules.models import ModelPlan, plan_for
-from .rules.spatial import ReadoutMaps, SpatialPlan, Unit, pool_positions
+from .rules.spatial import PrefixStore, ReadoutMaps, SpatialPlan, Unit, pool_positions
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +276,11 @@ def decompose(
     first = [b for b in pplan.blocks if b[0] == sel[0]][0]
     handles = []
     try:
-        handles += pplan.embed_hook(first[2], store)
+        keep = PrefixStore(store, pplan.prefix) if pplan.prefix is not None else store
+        handles += pplan.embed_hook(first[2], keep)
         handles += pplan.hooks(store)
         for u in units:
-            handles += u.hooks(store, u.name, ctx)
+            handles += u.hooks(store if u.name in ctx.wanted_tokens else keep, u.name, ctx)
         with torch.inference_mode():
             z = pplan.readout(images)
     finally:
@@ -374,9 +375,14 @@ def _assemble(plan: SpatialPlan, comps, units, store, z, sel, ctx: RuleContext, 
     static = maps.pooled
     W = {} if static else {lvl: w.to(dtype) for lvl, w in maps.weights.items()}
 
+    def weights(level: int, n: int) -> Tensor:
+        """The level's weights over the first ``n`` positions (units of a ``prefix`` plan keep only those)."""
+        w = W[level]
+        return w if w.shape[-1] == n else w[..., :n]
+
     def pooled(level: int, u: Tensor) -> Tensor:
         """Per-position terms ``u [B, N, C]`` (or already pooled ``[B, G, C]``) → ``[B, G, C]``."""
-        return u if static else pool_positions(W[level], u.to(dtype))
+        return u if static else pool_positions(weights(level, u.shape[1]), u.to(dtype))
 
     def carry(level: int, u: Tensor) -> Tensor:
         """Terms of one component → its contribution ``[B, d]``."""
@@ -387,13 +393,14 @@ def _assemble(plan: SpatialPlan, comps, units, store, z, sel, ctx: RuleContext, 
         mass = W[level].sum(-1)                                                   # [B, G]
         return maps.lin(level, (mass[..., None] * b.to(dtype))[:, None])[:, 0]
 
-    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store[N.EMBED])}
+    # stored per-position outputs are popped as they are pooled, so each is freed once carried
+    values: dict[str, Tensor] = {N.EMBED: carry(first_level, store.pop(N.EMBED))}
     bias = maps.offset.clone()
     heads_per_block: dict[int, int] = {}
     raw_tokens: dict[str, tuple] = {}
     diag: dict = {"head_sum_error": {}}
     for u in units:
-        x = store[u.name]
+        x = store.pop(u.name)
         g = u.gain.to(dtype) if u.gain is not None else None
         if u.kind != "attn":
             values[u.name] = carry(u.level, x if g is None else x.to(dtype) * g)
@@ -412,7 +419,7 @@ def _assemble(plan: SpatialPlan, comps, units, store, z, sel, ctx: RuleContext, 
             w_o = u.proj.weight.to(dtype).view(-1, H, dh)                         # [D, H, dh]
             if g is not None:
                 w_o = w_o * g[:, None, None]
-            P = pool_positions(W[u.level], x).view(x.shape[0], -1, H, dh)         # [B, G, H, dh]
+            P = pool_positions(weights(u.level, x.shape[1]), x).view(x.shape[0], -1, H, dh)   # [B, G, H, dh]
             # contiguous: einsum returns a permuted view, and the readout maps' matmuls on a permuted
             # [B, H, G, D] would not fold into one mm (a batched matrix-vector product per head instead)
             per_head = torch.einsum("bghd,ehd->bhge", P, w_o).contiguous()        # [B, H, G, D]

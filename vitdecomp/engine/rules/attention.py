@@ -186,54 +186,60 @@ class TimmAttention(SubnormAttention):
         def on_k(_, __, out):
             cap["k"] = out
 
-        def on_norm_in(_, args):
-            cap["norm_in"] = args[0]
+        def on_heads(_, args):                     # the heads' values as the model computed them
+            cap["o"] = args[0]
 
         def post(_, __, out):
             emit(ctx, sink, cap, out, lambda res: self._split(ctx, cap, res, out.shape[1], k_plain))
 
+        target = m.norm if self.subnorm.kind != "identity" else m.proj
         handles = [m.register_forward_pre_hook(pre, with_kwargs=True),
                    m.q_norm.register_forward_hook(on_q),
+                   target.register_forward_pre_hook(on_heads),
                    m.register_forward_hook(post)]
         if not k_plain:
             handles.append(m.k_norm.register_forward_hook(on_k))
-        if self.subnorm.kind != "identity":
-            handles.append(m.norm.register_forward_pre_hook(on_norm_in))
         return handles
 
     def _split(self, ctx, cap, res: AttnResult, n: int, k_plain: bool) -> None:
-        """Readout rows from the captured input ``x`` and queries; no copy of keys or values.
+        """Heads from the out-projection's input ``o`` (each head's attention-weighted values as the
+        model computed them) pooled with the readout's query weights — no attention is recomputed, so
+        mean pooling costs O(B·N·D), not a second ``[B, H, N, N]`` score tensor. Token terms (requested
+        heads only) recompute the readout rows from the captured input ``x`` and queries; no copy of
+        keys or values:
 
         ``q_h·k_h[m] = (W_k,hᵀ q_h)·x[m] + q_h·b_k,h`` (the second term is constant over ``m`` and
         cancels in the softmax) when ``k_norm`` is the identity; ``Σ_m α[m] v_h[m] = (Σ_m α[m]
         x[m]) W_v,hᵀ + b_v,h`` because ``Σ_m α[m] = 1``.
         """
         m, H, dh, dt = self.module, self.num_heads, self.head_dim, ctx.dtype
-        x = cap["x"].to(dt)                                                  # [B, N, D]
-        B, D = x.shape[0], x.shape[-1]
         pos = ctx.pooling.positions(n)
+        o = cap["o"][:, pos].to(dt)                                          # [B, S, H·dh]
+        w = ctx.pooling.weights(n, o.shape[0], dt, o.device)                 # [B, S]
+        if self.subnorm.kind != "identity":
+            _, sigma = layernorm_stats(o, self.subnorm)
+            w = w / sigma[..., 0]
+        w_o = m.proj.weight.to(dt).view(-1, H, dh)                           # [D, H, dh]
+        subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
+        res.heads = out_project(pooled_head_values(o, w, H, dh), w_o, subln)[:, :, 0]
+        res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
+        wanted = ctx.token_heads(self.path)
+        if not wanted:
+            return
+        x = cap["x"].to(dt)                                                  # [B, N, D]
+        D = x.shape[-1]
         w_qkv = m.qkv.weight.to(dt)
         b_qkv = m.qkv.bias.to(dt) if m.qkv.bias is not None else torch.zeros(3 * H * dh, dtype=dt, device=x.device)
         w_k, w_v = w_qkv[H * dh:2 * H * dh].view(H, dh, D), w_qkv[2 * H * dh:].view(H, dh, D)
         b_v = b_qkv[2 * H * dh:].view(H, dh)
         q = cap["q"][:, :, pos].to(dt)                                       # [B, H, S, dh]
-        w = ctx.pooling.weights(n, B, dt, q.device)                          # [B, S]
-        if self.subnorm.kind != "identity":
-            _, sigma = layernorm_stats(cap["norm_in"][:, pos].to(dt), self.subnorm)
-            w = w / sigma[..., 0]
         if k_plain:
             q_tilde = torch.einsum("bhsd,hde->bhse", q, w_k)                 # [B, H, S, D]
             scores = torch.einsum("bhse,bne->bhsn", q_tilde, x)
         else:
             scores = torch.einsum("bhsd,bhnd->bhsn", q, cap["k"].to(dt))
         alpha = readout_rows(scores * m.scale, w)                            # [B, H, N]
-        w_o = m.proj.weight.to(dt).view(-1, H, dh)                           # [D, H, dh]
-        subln = _subln_parts(self.subnorm, m.proj.weight, list(range(H)), dh, dt)
-        xt = torch.einsum("bhn,bne->bhe", alpha, x)                          # [B, H, D]
-        vt = (torch.einsum("bhe,hde->bhd", xt, w_v) + b_v)[:, :, None]       # [B, H, 1, dh]
-        res.heads = out_project(vt, w_o, subln)[:, :, 0]
-        res.bias = _bias(m.proj.bias, _subln_bias(self.subnorm, m.proj.weight, dt), w_o)
-        for h in ctx.token_heads(self.path):
+        for h in wanted:
             v_h = torch.einsum("bne,de->bnd", x, w_v[h]) + b_v[h]               # [B, N, dh]
             terms = (alpha[:, h, :, None] * v_h)[:, None]                    # [B, 1, N, dh]
             sub = None if subln is None else (subln[0][h:h + 1], subln[1], subln[2])

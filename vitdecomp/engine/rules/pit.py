@@ -35,27 +35,14 @@ from torch import Tensor, nn
 from ...errors import UnsupportedModuleError
 from .affine import layernorm_stats
 from .registry import register_rule, rule_for
-from .spatial import ReadoutMaps, SpatialPlan, Unit, norm_linear, norm_offset
-
-
-class _Prefix:
-    """A store proxy keeping only the first ``T`` positions (the class tokens) of what hooks put in it."""
-
-    def __init__(self, store: dict, T: int):
-        self.store, self.T = store, T
-
-    def __setitem__(self, key, value):
-        self.store[key] = value[:, :self.T]
-
-    def get(self, key, default=None):
-        return self.store.get(key, default)
+from .spatial import PrefixStore, ReadoutMaps, SpatialPlan, Unit, norm_linear, norm_offset
 
 
 def _class_token_unit(u: Unit, T: int) -> Unit:
     orig = u.hooks
 
     def hooks(store, key, ctx=None):
-        return orig(_Prefix(store, T), key, ctx)
+        return orig(PrefixStore(store, T), key, ctx)
 
     u.hooks = hooks
     return u
@@ -119,7 +106,7 @@ def pit_plan(m: nn.Module) -> SpatialPlan:
     L = len(fcs)                                     # levels 0 … L-1; the final norm reads level L-1
 
     def embed_hook(module, store):                   # the class-token stream entering this block
-        return [module.register_forward_pre_hook(lambda _, args: store.__setitem__("embed", args[0][:, :T]))]
+        return [module.register_forward_pre_hook(lambda _, args: store.__setitem__("embed", args[0][:, :T].clone()))]
 
     def hooks(store):
         return [m.norm.register_forward_pre_hook(lambda _, args: store.__setitem__("final_in", args[0])),

@@ -98,7 +98,10 @@ class SpatialPlan:
     ``hooks(store)``: the plan's own hooks (statistics the readout needs); ``post``: affine maps
     applied after the family's own readout chain (``ReadoutMaps.post``), e.g. a projection a wrapper
     model adds (see :func:`~.models.with_post`); ``static``: the :class:`~.pool.Pooling` when the
-    readout weights are static (a :class:`~.models.ModelPlan` seen through ``engine.as_positions``).
+    readout weights are static (a :class:`~.models.ModelPlan` seen through ``engine.as_positions``);
+    ``prefix``: the readout weights are zero beyond the first ``prefix`` positions of every stream (DeiT
+    distilled: the class and distillation tokens), so the engine keeps only those positions of each unit's
+    output (all of them for units whose token terms are requested); None: every position counts.
     """
 
     family: str
@@ -117,6 +120,26 @@ class SpatialPlan:
     layout: str = "BND"
     post: list = field(default_factory=list)
     static: object = None
+    prefix: Optional[int] = None
+
+
+class PrefixStore:
+    """A view of the hooks' ``store`` that keeps only the first ``n`` positions of every stored
+    ``[B, N, C]`` tensor — a copy, so the model's full output can be freed (a slice would keep every
+    position alive): for readouts whose weights are zero beyond them (:attr:`SpatialPlan.prefix`,
+    PiT's class tokens)."""
+
+    def __init__(self, store: dict, n: int):
+        self.store, self.n = store, n
+
+    def __setitem__(self, key, value):
+        self.store[key] = value[:, :self.n].clone() if isinstance(value, Tensor) and value.dim() == 3 else value
+
+    def __getitem__(self, key):
+        return self.store[key]
+
+    def get(self, key, default=None):
+        return self.store.get(key, default)
 
 
 # ------------------------------------------------------------------------------------ pure math

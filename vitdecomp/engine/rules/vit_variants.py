@@ -734,7 +734,7 @@ def _post_norm_unit(name: str, gain, a: ProjInputAttention, index: int, level: i
                 o = to_positions(o, cap.get("shape"))
             o = o.reshape(*y.shape[:2], H, dh)
             one = torch.full_like(o[..., :1], 1.0 / H)
-            store[key] = (torch.cat([o, one], -1) / sigma[..., None]).flatten(2)
+            store[key] = torch.cat([o, one], -1).div_(sigma[..., None]).flatten(2)   # in place: one copy, not two
         hs = [] if shape_from is None else [
             shape_from.register_forward_pre_hook(lambda _, args: cap.__setitem__("shape", tuple(args[0].shape)))]
         return hs + [a.proj.register_forward_pre_hook(on_proj), a.post.register_forward_pre_hook(on_norm)]
@@ -771,9 +771,11 @@ def _final_position_plan(m, family, blocks, units, final: NormSpec, final_mod, p
             return norm_linear(final, P[:, :, 0], convention)
         return ReadoutMaps({0: w}, lin, offset, total, post=list(post))
 
+    # fixed readout positions (DeiT distilled's two tokens): units keep only the stream's prefix up to them
+    prefix = max(positions) + 1 if not callable(positions) and stream_len is None else None
     return SpatialPlan(family=family, root=m, blocks=blocks, units=units, readout=readout, check_input=check,
                        embed_hook=embed_hook, level_of_input=lambda b: 0, hooks=hooks, finalize=finalize,
-                       grids=lambda hw: {0: grid(hw)}, num_prefix_tokens=npt)
+                       grids=lambda hw: {0: grid(hw)}, num_prefix_tokens=npt, prefix=prefix)
 
 
 def _register_deit() -> None:
