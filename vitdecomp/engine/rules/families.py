@@ -12,7 +12,7 @@ the ``branch`` rule for ``MbConvBlock``, the ``merge`` rules for ``PatchMerging`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -428,6 +428,24 @@ def _batchnorm_spec(path: str, bn: nn.Module) -> NormSpec:
     return NormSpec("batchnorm", scale.detach(), shift.detach(), float(bn.eps))
 
 
+def head_readout(m: nn.Module, fc: Optional[nn.Module]) -> Callable[[Tensor], Tensor]:
+    """The readout of a timm model whose ``NormMlpClassifierHead`` may end in ``pre_logits.fc`` + tanh
+    (MaxViT ``tf``, SAM with ``head_hidden_size``): ``forward_head(…, pre_logits=True)`` when ``fc`` is None
+    (an affine head), else ``fc``'s output — the input of the tanh, the last affine point."""
+    def readout(x: Tensor) -> Tensor:
+        if fc is None:
+            return m.forward_head(m.forward_features(x), pre_logits=True).flatten(1)
+        out = {}
+        h = fc.register_forward_hook(_store_output(out, "z", lambda t: t.flatten(1)))
+        try:
+            m.forward_head(m.forward_features(x), pre_logits=True)
+        finally:
+            h.remove()
+        return out["z"]
+
+    return readout
+
+
 def maxvit_plan(m: nn.Module) -> SpatialPlan:
     """timm ``MaxxVit`` with MBConv + window + grid attention blocks (MaxViT).
 
@@ -491,16 +509,7 @@ def maxvit_plan(m: nn.Module) -> SpatialPlan:
             units += block_units(rule, i, level)
     L = level
 
-    def readout(x: Tensor) -> Tensor:
-        if fc is None:                                # the head's pre_logits output is affine already
-            return m.forward_head(m.forward_features(x), pre_logits=True).flatten(1)
-        out = {}
-        h = fc.register_forward_hook(_store_output(out, "z", lambda t: t.flatten(1)))
-        try:
-            m.forward_head(m.forward_features(x), pre_logits=True)
-        finally:
-            h.remove()
-        return out["z"]
+    readout = head_readout(m, fc)
 
     def hooks(store):
         hs = [head.global_pool.register_forward_hook(_store_output(store, "head_in", lambda t: t.flatten(1))),

@@ -42,7 +42,7 @@ from ...errors import InputError, UnsupportedModuleError
 from .affine import NormSpec, PostOp, layernorm_stats
 from .attention import AttentionRule
 from .blocks import Branch, BlockRule, _gain
-from .families import _linear, _nchw_seq, _nhwc_seq, _store_input, _store_output, block_units
+from .families import _linear, _nchw_seq, _nhwc_seq, _store_input, _store_output, block_units, head_readout
 from .models import _patch_check, _patch_grid
 from .registry import register_rule, rule_for
 from .spatial import ReadoutMaps, SpatialPlan, norm_linear, norm_offset
@@ -181,16 +181,7 @@ def sam_plan(m: nn.Module) -> SpatialPlan:
         blocks.append((i, path, blk))
         units += block_units(rule, i, 0)
 
-    def readout(x: Tensor) -> Tensor:
-        if fc is None:
-            return m.forward_head(m.forward_features(x), pre_logits=True)
-        out = {}
-        h = fc.register_forward_hook(_store_output(out, "z"))      # the input of pre_logits' tanh
-        try:
-            m.forward_head(m.forward_features(x), pre_logits=True)
-        finally:
-            h.remove()
-        return out["z"]
+    readout = head_readout(m, fc)                  # the input of pre_logits' tanh when there is one
 
     def hooks(store):
         hs = [gp.register_forward_hook(_store_output(store, "head_in", lambda t: t.flatten(1))),

@@ -160,6 +160,15 @@ def _lin(x: Tensor, lin: nn.Linear, dt, bias=None) -> Tensor:
     return F.linear(x, lin.weight.to(dt), b)
 
 
+def _fused_qkv(m: nn.Module, x: Tensor, H: int, dh: int, dt) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[B, H, N, dh]`` of a fused-``qkv`` attention (timm ``Attention`` layout) on its input ``x``,
+    with the module's own q/k norms applied."""
+    x = x.to(dt)
+    B, N, _ = x.shape
+    q, k, v = _lin(x, m.qkv, dt).reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    return m.q_norm(q), m.k_norm(k), v
+
+
 # --------------------------------------------------------------------------------------- BEiT
 def _register_beit() -> None:
     from timm.models import beit
@@ -254,10 +263,7 @@ def _register_relpos() -> None:
 
         def rows(self, cap, pos, w, dt):
             m, H, dh = self.module, self.num_heads, self.head_dim
-            x = cap["x"].to(dt)
-            B, N, _ = x.shape
-            q, k, v = _lin(x, m.qkv, dt).reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = m.q_norm(q), m.k_norm(k)
+            q, k, v = _fused_qkv(m, cap["x"], H, dh, dt)
             scores = _scores(q[:, :, pos], k, m.scale)
             shared = cap["kw"].get("shared_rel_pos", cap["args"][0] if cap["args"] else None)
             if m.rel_pos is not None:
@@ -351,10 +357,7 @@ class TimmPostNormAttention(ProjInputAttention):
 
     def rows(self, cap, pos, w, dt):
         m, H, dh = self.module, self.num_heads, self.head_dim
-        x = cap["x"].to(dt)
-        B, N, _ = x.shape
-        q, k, v = _lin(x, m.qkv, dt).reshape(B, N, 3, H, dh).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = m.q_norm(q), m.k_norm(k)
+        q, k, v = _fused_qkv(m, cap["x"], H, dh, dt)
         return readout_rows(_scores(q[:, :, pos], k, m.scale), w), v
 
 
